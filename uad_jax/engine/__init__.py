@@ -1,0 +1,1 @@
+"""The shared engine: train state, sharding, checkpoints, logging, the train and eval loops."""
