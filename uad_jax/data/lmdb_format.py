@@ -1,0 +1,162 @@
+"""Byte formats of the LMDB slice database: ours and the reference's (data.md §8.3, §8.5).
+
+Both formats key slice `i` as `f"{i:08d}"` (ASCII), so keys are interchangeable.
+
+- Reference: each value is a pickled `(H, W)` float64 array; there is no other key. It is read
+  with `RestrictedUnpickler`, which rebuilds numpy arrays and nothing else, so a database from
+  a stranger cannot run code.
+- Ours (`FORMAT_NAME`, `FORMAT_VERSION`): each value is the raw little-endian float32 slice
+  (C order) followed by the CRC-32 of those bytes (4 bytes, little-endian); the key `__meta__`
+  holds a JSON header: record layout, count, normalisation, source CSV checksum and a volume
+  table from which every slice's subject and slice index follow.
+"""
+
+import codecs
+import io
+import json
+import pickle
+import zlib
+from typing import Any
+
+import numpy as np
+
+from uad_jax.errors import DataError
+
+FORMAT_NAME = "uad_jax.slices"
+FORMAT_VERSION = 1
+HEADER_KEY = b"__meta__"
+RECORD_DTYPE = np.dtype("<f4")
+_CRC_BYTES = 4
+# CPython 3.8-3.13's default, i.e. what the reference tool wrote.
+REFERENCE_PICKLE_PROTOCOL = 4
+
+
+def slice_key(index: int) -> bytes:
+  """LMDB key of slice `index`: 8-digit zero-padded decimal, ASCII."""
+  return f"{index:08d}".encode("ascii")
+
+
+def encode_slice(image: np.ndarray) -> bytes:
+  """Our record: raw float32 bytes of a 2-D slice + CRC-32 trailer."""
+  payload = np.ascontiguousarray(image, dtype=RECORD_DTYPE).tobytes()
+  return payload + zlib.crc32(payload).to_bytes(_CRC_BYTES, "little")
+
+
+def decode_slice(value, shape: tuple[int, int], *, where: str) -> np.ndarray:
+  """Inverse of `encode_slice`: a writable `(H, W)` float32 array.
+
+  Args:
+    value: the stored bytes (bytes or a buffer valid for the duration of the call).
+    shape: the slice shape recorded in the header.
+    where: `<database> key <key>`, for error messages.
+
+  Raises:
+    DataError: wrong length or CRC mismatch (a corrupt record).
+  """
+  expected = shape[0] * shape[1] * RECORD_DTYPE.itemsize + _CRC_BYTES
+  view = memoryview(value)
+  if view.nbytes != expected:
+    raise DataError(f"{where}: corrupt record: {view.nbytes} bytes, expected {expected} for a "
+                    f"{shape[0]}x{shape[1]} float32 slice")
+  payload = view[:-_CRC_BYTES]
+  if zlib.crc32(payload) != int.from_bytes(view[-_CRC_BYTES:], "little"):
+    raise DataError(f"{where}: corrupt record: CRC-32 mismatch")
+  return np.frombuffer(payload, dtype=RECORD_DTYPE).reshape(shape).astype(np.float32)
+
+
+# Every global a pickled numpy array needs (numpy 1.x and 2.x module names; protocols 2-5).
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # protocol 2 spells array bytes as latin-1 text
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+  """Unpickler that only resolves the numpy globals needed to rebuild an ndarray."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    try:
+      return _NUMPY_GLOBALS[(module, name)]
+    except KeyError:
+      raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed (only numpy "
+                                   "arrays may be unpickled)") from None
+
+
+def encode_reference_slice(image: np.ndarray) -> bytes:
+  """The reference's record: pickle of the float64 `(H, W)` array."""
+  return pickle.dumps(np.asarray(image, dtype=np.float64), protocol=REFERENCE_PICKLE_PROTOCOL)
+
+
+def decode_reference_slice(value, *, where: str) -> np.ndarray:
+  """A reference record as a `(H, W)` float32 array, unpickled with `RestrictedUnpickler`."""
+  try:
+    array = RestrictedUnpickler(io.BytesIO(value)).load()
+  except Exception as e:  # any unpickling failure of untrusted bytes is a corrupt record
+    raise DataError(f"{where}: corrupt or disallowed pickle record ({type(e).__name__}: {e})"
+                    ) from e
+  if not isinstance(array, np.ndarray) or array.ndim != 2 or array.dtype.kind != "f":
+    desc = (f"array of shape {array.shape} and dtype {array.dtype}"
+            if isinstance(array, np.ndarray) else type(array).__name__)
+    raise DataError(f"{where}: expected a 2-D float array, got {desc}")
+  return array.astype(np.float32)
+
+
+def make_header(*, count: int, volumes: list[dict[str, Any]], normalisation: dict[str, Any],
+                source_csv: dict[str, Any]) -> dict[str, Any]:
+  """The `__meta__` header of our format.
+
+  Args:
+    count: number of slice records (keys `0 .. count-1`).
+    volumes: one entry per source volume in key order: `path`, `subject`, `modality`, `meta`,
+      `shape` (`[H, W]` of its slices), `first_key`, `slice_indices` (the kept slice indices
+      along the volume's third axis, ascending; slice `first_key + j` is `slice_indices[j]`).
+    normalisation: e.g. `{"method": "min-max", "clip_percentiles": None}`.
+    source_csv: `{"path": ..., "sha256": ...}`.
+  """
+  return {
+      "format": FORMAT_NAME,
+      "version": FORMAT_VERSION,
+      "record": {"dtype": RECORD_DTYPE.str, "order": "C", "trailer": "crc32-le"},
+      "count": count,
+      "normalisation": normalisation,
+      "source_csv": source_csv,
+      "volumes": volumes,
+  }
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+  return json.dumps(header, separators=(",", ":")).encode("utf-8")
+
+
+def decode_header(value, *, where: str) -> dict[str, Any]:
+  """Parses and checks a `__meta__` header.
+
+  Raises:
+    DataError: not JSON, not our format, another format version, inconsistent volume table.
+  """
+  try:
+    header = json.loads(bytes(value).decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{where}: header record is not valid JSON ({e})") from e
+  if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+    raise DataError(f"{where}: header record is not a {FORMAT_NAME} header")
+  if header.get("version") != FORMAT_VERSION:
+    raise DataError(f"{where}: format version {header.get('version')!r} is not supported (this "
+                    f"uad_jax reads version {FORMAT_VERSION}); rebuild the database with "
+                    "`python -m uad_jax.data.create_lmdb`")
+  if header.get("record", {}).get("dtype") != RECORD_DTYPE.str:
+    raise DataError(f"{where}: unsupported record dtype {header.get('record')}")
+  expected = 0
+  for v in header["volumes"]:
+    if v["first_key"] != expected:
+      raise DataError(f"{where}: header volume table is inconsistent at {v['path']}")
+    expected += len(v["slice_indices"])
+  if expected != header["count"]:
+    raise DataError(f"{where}: header counts {header['count']} slices but its volume table "
+                    f"lists {expected}")
+  return header
