@@ -151,12 +151,16 @@ def decode_header(value, *, where: str) -> dict[str, Any]:
                     "`python -m uad_jax.data.create_lmdb`")
   if header.get("record", {}).get("dtype") != RECORD_DTYPE.str:
     raise DataError(f"{where}: unsupported record dtype {header.get('record')}")
-  expected = 0
-  for v in header["volumes"]:
-    if v["first_key"] != expected:
-      raise DataError(f"{where}: header volume table is inconsistent at {v['path']}")
-    expected += len(v["slice_indices"])
-  if expected != header["count"]:
+  try:
+    expected = 0
+    for v in header["volumes"]:
+      if v["first_key"] != expected or len(v["shape"]) != 2:
+        raise DataError(f"{where}: header volume table is inconsistent at {v['path']}")
+      expected += len(v["slice_indices"])
+    count = header["count"]
+  except (KeyError, TypeError) as e:
+    raise DataError(f"{where}: malformed header ({type(e).__name__}: {e})") from e
+  if expected != count:
     raise DataError(f"{where}: header counts {header['count']} slices but its volume table "
                     f"lists {expected}")
   return header

@@ -67,6 +67,13 @@ def _open_env(db_dir: Path, identity: tuple[int, int]) -> lmdb.Environment:
     return env
 
 
+def _close_env(identity: tuple[int, int]) -> None:
+  with _open_envs_lock:
+    env = _open_envs.pop(identity, None)
+  if env is not None:
+    env.close()
+
+
 class SliceDataSource:
   """Slices of an LMDB slice database, in key order.
 
@@ -87,34 +94,38 @@ class SliceDataSource:
     self._dir = resolve_database_dir(path).resolve()
     self._identity = _identity(self._dir)
     self._env = None
-    env = self._get_env()
+    already_open = self._identity in _open_envs
     try:
-      with env.begin(buffers=True) as txn:
+      with self._get_env().begin(buffers=True) as txn:
         entries = txn.stat()["entries"]
         raw_header = txn.get(lmdb_format.HEADER_KEY)
         self.header = (None if raw_header is None else
                        lmdb_format.decode_header(raw_header, where=f"{self._dir} key __meta__"))
         self._header_sha = None if raw_header is None else hashlib.sha256(raw_header).hexdigest()
-    except lmdb.Error as e:
-      raise DataError(f"{self._dir}: cannot read LMDB ({e})") from e
-    if self.header is None:
-      self.format = REFERENCE
-      self._len = entries
-      self.volumes: list[dict[str, Any]] = []
-    else:
-      self.format = OURS
-      self._len = self.header["count"]
+      self._init_index(entries)
+    except BaseException as e:
+      # Do not keep a rejected database open: it could not be opened again for repair.
+      if not already_open:
+        _close_env(self._identity)
+      if isinstance(e, lmdb.Error):
+        raise DataError(f"{self._dir}: cannot read LMDB ({e})") from e
+      raise
+
+  def _init_index(self, entries: int) -> None:
+    self.format = REFERENCE if self.header is None else OURS
+    self._len = entries if self.header is None else self.header["count"]
+    if self._len == 0:
+      raise DataError(f"{self._dir}: the slice database is empty")
+    self.volumes: list[dict[str, Any]] = [] if self.header is None else self.header["volumes"]
+    if self.format == OURS:
       if entries != self._len + 1:
         raise DataError(f"{self._dir}: header counts {self._len} slices but the database holds "
                         f"{entries - 1} (incomplete or modified database)")
-      self.volumes = self.header["volumes"]
       lengths = [len(v["slice_indices"]) for v in self.volumes]
       self._slice_volume = np.repeat(np.arange(len(self.volumes), dtype=np.int32), lengths)
       self._slice_index = np.concatenate(
           [np.asarray(v["slice_indices"], dtype=np.int32) for v in self.volumes])
       self._shapes = [tuple(v["shape"]) for v in self.volumes]
-    if self._len == 0:
-      raise DataError(f"{self._dir}: the slice database is empty")
 
   @property
   def path(self) -> Path:

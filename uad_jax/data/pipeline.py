@@ -65,21 +65,29 @@ class TrainIterator:
   def __iter__(self) -> "TrainIterator":
     return self
 
+  def _open_iterator(self) -> grain.DataLoaderIterator:
+    if self._iterator is None:
+      raise ValueError("TrainIterator is closed")
+    return self._iterator
+
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
+    return next(self._open_iterator())
 
   def get_state(self) -> bytes:
-    return self._iterator.get_state()
+    return self._open_iterator().get_state()
 
   def set_state(self, state: bytes) -> None:
-    self._iterator.set_state(state)
+    self._open_iterator().set_state(state)
 
   def close(self) -> None:
-    # grain 0.2.18's DataLoaderIterator has no close(); the dataset iterator it wraps does
-    # (stops worker processes, releases shared memory).
+    """Stops worker processes and releases shared memory; idempotent."""
+    # grain 0.2.18's DataLoaderIterator has no close(); the dataset iterator it wraps does.
+    # Dropping the reference now also lets grain's own finalizers run while the interpreter
+    # is alive (at shutdown they fail noisily).
     inner = getattr(self._iterator, "_iterator", None)
     if inner is not None:
       inner.close()
+    self._iterator = None
 
   def __enter__(self) -> "TrainIterator":
     return self
