@@ -1,0 +1,1 @@
+"""Converters from the PyTorch reference layout (NCHW state_dicts) to Flax params."""

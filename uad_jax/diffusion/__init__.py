@@ -1,0 +1,1 @@
+"""Diffusion maths shared by the diffusion methods: schedules, noise, losses, samplers."""

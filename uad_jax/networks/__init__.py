@@ -1,0 +1,1 @@
+"""Neural networks shared by the methods (NHWC, flax.linen)."""
