@@ -1,0 +1,166 @@
+"""Threshold calibration on healthy validation data (`calc_thr`, evaluation.md §6) as an artifact.
+
+The reference prints the thresholds and the user copies them into the eval config. Here
+`Calibrator` pools the brain voxels of the healthy validation maps (raw, no median filter) in
+an exact histogram, computes the threshold of every target FPR with the reference's
+`roc_curve(drop_intermediate=True)` rule (plus the exact full-curve quantile, for information)
+and writes `calibration.json` next to the checkpoint. Evaluation reads the `(fpr, thr)` pairs
+back with `load_thresholds`; no threshold is hand-copied.
+
+`calibration.json` fields: `schema`, `pairs` (list of {`key`, `fpr`, `thr`, `source`:
+'target' | 'opt_thr', `thr_full_curve` (targets), `achieved_fpr`}), `fpr_targets`, `opt_thr`,
+`opt_thr_key`, `opt_thr_fpr` (null without a lesion-validation result), `n_voxels`,
+`n_subjects`, `validation_csv`, `validation_csv_sha256`, `checkpoint_step`, `method`,
+`modality`, `created` (UTC ISO 8601). Thresholds are float32 values of the maps written as
+the float64 repr (exact when read back and compared in float32, as the reference does).
+"""
+
+import datetime
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from uad_jax.errors import ConfigError, EvaluationError
+from uad_jax.evaluation import metrics
+from uad_jax.evaluation.histogram import SortedScores, ValueHistogram
+from uad_jax.evaluation.thresholds import fpr_key
+from uad_jax.utils.atomic import atomic_write_text
+
+ARTIFACT_NAME = "calibration.json"
+SCHEMA = "uad_jax.evaluation.calibration/1"
+
+
+class Calibrator:
+  """Streaming `calc_thr`: pooled scores of healthy validation brain voxels (brain & ~lesion)."""
+
+  def __init__(self):
+    self._histogram = ValueHistogram(1)
+    self.n_subjects = 0
+
+  def add(self, scores, labels=None, brain=None, meta: dict | None = None) -> None:
+    """Adds one healthy validation subject (same arguments as `Evaluator.add`).
+
+    scores: (H, W, Z) float32 raw anomaly map (reference layout); labels: (H, W, Z) bool lesion
+    mask or None; brain: (H, W, Z) bool (intensity != 0) or None = every voxel. The pooled
+    voxels are `brain & ~labels`, the reference's label==False voxels.
+    """
+    name = str((meta or {}).get("path", f"subject-{self.n_subjects}"))
+    scores = np.asarray(scores, np.float32)
+    if scores.ndim != 3:
+      raise EvaluationError(f"{name}: expected an (H, W, Z) anomaly map, got {scores.shape}")
+    selected = np.ones(scores.shape, bool)
+    if labels is not None:
+      selected &= ~metrics.check_mask(labels, scores.shape, f"{name}: labels")
+    if brain is not None:
+      selected &= metrics.check_mask(brain, scores.shape, f"{name}: brain")
+    values = scores[selected]
+    if not np.isfinite(values).all():
+      raise EvaluationError(f"{name}: the anomaly map has NaN or infinite brain voxels")
+    self._histogram.add([SortedScores.from_values(values)])
+    self.n_subjects += 1
+
+  @property
+  def n_voxels(self) -> int:
+    _, counts = self._histogram.table()
+    return int(counts.sum())
+
+  def _table(self):
+    values, counts = self._histogram.table()
+    if counts.sum() == 0:
+      raise EvaluationError("calibration: no brain voxel in the healthy validation set "
+                            f"({self.n_subjects} subjects added)")
+    return values, counts[:, 0]
+
+  def thresholds(self, fprs, drop_intermediate: bool = True) -> np.ndarray:
+    """(F,) float32 thresholds for target FPRs (the reference's printed values by default)."""
+    values, counts = self._table()
+    return metrics.threshold_at_fpr_from_counts(values, counts, fprs, drop_intermediate)
+
+  def fpr_at(self, threshold) -> float:
+    """Pooled FPR (strict `>`, float32 compare, 5 decimals) of a config-style threshold."""
+    values, counts = self._table()
+    fp = counts[values > np.float32(threshold)].sum()
+    return float(metrics.round_fpr(fp, counts.sum()))
+
+  def artifact(self, fpr_targets, *, lesion_result=None, postproc: str = "raw",
+               validation_csv=None, checkpoint_step=None, method=None, modality=None) -> dict:
+    """The calibration document (see the module docstring).
+
+    lesion_result: the `EvaluationResult` of the lesion-validation cohort (lesion mode); its
+    best sweep key of the mean Dice (`postproc` maps) is `opt_thr`, and the healthy FPR of
+    `opt_thr` names its key, as in the reference's configs (spec §6).
+    """
+    fprs = metrics.check_fprs(fpr_targets)
+    thinned = self.thresholds(fprs)
+    full = self.thresholds(fprs, drop_intermediate=False)
+    if not np.isfinite(thinned).all():
+      raise EvaluationError(
+          f"calibration: FPR targets {fprs[~np.isfinite(thinned)].tolist()} are below the "
+          f"resolution of {self.n_voxels} validation voxels (no finite threshold)")
+    pairs = [{"key": fpr_key(f), "fpr": float(f), "thr": float(t), "source": "target",
+              "thr_full_curve": float(u), "achieved_fpr": self.fpr_at(t)}
+             for f, t, u in zip(fprs, thinned, full)]
+    opt = {"opt_thr": None, "opt_thr_key": None, "opt_thr_fpr": None}
+    if lesion_result is not None:
+      best = lesion_result.summary[postproc].get("best_mean_dice")
+      if best is None:
+        raise EvaluationError("calibration: the lesion-validation result has no defined mean "
+                              "Dice on its sweep (no opt_thr)")
+      fpr = self.fpr_at(best["threshold"])
+      opt = {"opt_thr": best["threshold"], "opt_thr_key": best["key"], "opt_thr_fpr": fpr}
+      pairs.append({"key": fpr_key(fpr), "fpr": fpr, "thr": float(best["threshold"]),
+                    "source": "opt_thr", "achieved_fpr": fpr})
+    for p in pairs:
+      logging.info("Threshold for FPR equal to %s is %r", p["fpr"], p["thr"])
+    csv = None if validation_csv is None else Path(validation_csv)
+    return {
+        "schema": SCHEMA,
+        "pairs": pairs,
+        "fpr_targets": fprs.tolist(),
+        **opt,
+        "n_voxels": self.n_voxels,
+        "n_subjects": self.n_subjects,
+        "validation_csv": None if csv is None else str(csv),
+        "validation_csv_sha256": None if csv is None else sha256_of(csv),
+        "checkpoint_step": checkpoint_step,
+        "method": method,
+        "modality": modality,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+  def write(self, directory, fpr_targets, **kwargs) -> Path:
+    """Writes `<directory>/calibration.json` atomically (kwargs as for `artifact`)."""
+    path = Path(directory) / ARTIFACT_NAME
+    doc = self.artifact(fpr_targets, **kwargs)
+    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def sha256_of(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def load_artifact(directory) -> dict:
+  """Reads `<directory>/calibration.json`; a missing file says how to make it."""
+  path = Path(directory) / ARTIFACT_NAME
+  if not path.is_file():
+    raise ConfigError(
+        f"no calibrated thresholds at {path}: run `python -m uad_jax.eval ... --calibrate` "
+        "(healthy validation set, and the lesion validation set for opt_thr) for this "
+        "checkpoint first, or give explicit (fpr, thr) pairs")
+  doc = json.loads(path.read_text())
+  if doc.get("schema") != SCHEMA:
+    raise ConfigError(f"{path}: schema {doc.get('schema')!r}, expected {SCHEMA!r}")
+  return doc
+
+
+def load_thresholds(directory) -> list[tuple[float, float]]:
+  """The `(fpr, thr)` pairs of a calibration artifact, in its order (for `ThresholdSet`)."""
+  return [(p["fpr"], p["thr"]) for p in load_artifact(directory)["pairs"]]

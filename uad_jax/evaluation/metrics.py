@@ -1,0 +1,226 @@
+"""Metrics of the reference protocol (evaluation.md §5, §6) and the extras of uad_jax.
+
+Volumes are numpy arrays `(H, W, Z)` in the reference's layout (raw nibabel axis order, slice
+axis last); scores are anomaly maps (higher = more anomalous), labels are bool lesion masks.
+Everything is computed from exact voxel counts: results equal the reference's numpy /
+scikit-learn computation on the pooled arrays (Dice and FPR exactly, AP/AUROC to rounding).
+"""
+
+import numpy as np
+
+from uad_jax.errors import EvaluationError
+from uad_jax.evaluation.histogram import SortedScores, distinct_sorted
+from uad_jax.evaluation.thresholds import float32_cutoffs
+
+
+def check_scores(scores, name: str = "scores") -> np.ndarray:
+  """A finite float32 or float64 array, C-contiguous (other dtypes become float64)."""
+  scores = np.ascontiguousarray(scores)
+  if scores.dtype not in (np.float32, np.float64):
+    scores = scores.astype(np.float64)
+  if not np.isfinite(scores).all():
+    raise EvaluationError(f"{name}: {np.count_nonzero(~np.isfinite(scores))} voxels are NaN or "
+                          "infinite; anomaly maps must be finite")
+  return scores
+
+
+def check_mask(mask, shape, name: str = "labels") -> np.ndarray:
+  """A bool mask of `shape`; integer/float masks must hold only 0 and 1."""
+  mask = np.asarray(mask)
+  if mask.shape != tuple(shape):
+    raise EvaluationError(f"{name}: shape {mask.shape} differs from the scores' shape "
+                          f"{tuple(shape)}")
+  if mask.dtype != bool:
+    if not np.isin(mask, (0, 1)).all():
+      bad = np.unique(mask[~np.isin(mask, (0, 1))])[:5]
+      raise EvaluationError(f"{name}: not binary (values such as {bad.tolist()}); expected "
+                            "bool or 0/1")
+    mask = mask.astype(bool)
+  return np.ascontiguousarray(mask)
+
+
+def cutoffs_for(thresholds, dtype) -> np.ndarray:
+  """Cutoffs in the scores' dtype such that `x > cutoff` is the reference's decision.
+
+  float32 thresholds compare in float32 (the reference's `thr_fpr`); anything else (float64,
+  int, Python floats) in float64 (its sweep), which for float32 scores means the largest
+  float32 below the threshold.
+  """
+  t = np.asarray(thresholds).ravel()
+  if t.dtype == np.float32 or dtype != np.float32:
+    return t.astype(dtype)
+  return float32_cutoffs(t)
+
+
+def dice(tp, pred, lesion) -> np.ndarray:
+  """Per-subject Dice `2·tp / (pred + lesion)` in float64; 0/0 (empty mask, nothing
+  predicted) is NaN as in the reference [PITFALL, spec §5.2]."""
+  tp, den = np.asarray(tp, np.float64), np.asarray(pred, np.float64) + lesion
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return 2 * tp / den
+
+
+def round_fpr(fp, n) -> np.ndarray:
+  """`round(fp / n, 5)` as the reference gets it: the ratio is a numpy float64, so Python's
+  `round` dispatches to numpy's scale-and-round-half-even [PITFALL, spec §5.5]. n = 0 -> NaN."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.round(np.asarray(fp, np.float64) / np.asarray(n, np.float64), 5)
+
+
+def dice_per_threshold(scores, labels, thresholds) -> np.ndarray:
+  """Dice of one subject's volume at each threshold (`pred = scores > t`, strict).
+
+  Args:
+    scores: (H, W, Z) anomaly map (float32), reference layout.
+    labels: (H, W, Z) bool lesion mask.
+    thresholds: (T,) thresholds. float64/int/Python floats compare in float64 like the
+      reference's sweep; pass `np.float32` values to compare in float32 like its `thr_fpr`.
+  Returns:
+    (T,) float64 Dice; NaN where the mask is empty and nothing is predicted.
+  """
+  scores = check_scores(scores)
+  labels = check_mask(labels, scores.shape)
+  cutoffs = cutoffs_for(thresholds, scores.dtype)
+  pos = SortedScores.from_values(scores[labels])
+  neg = SortedScores.from_values(scores[~labels])
+  tp = pos.count_above(cutoffs)
+  return dice(tp, tp + neg.count_above(cutoffs), pos.size)
+
+
+def _class_counts(scores, labels):
+  """Distinct scores ascending with (negative, positive) counts per value."""
+  scores = check_scores(np.ravel(scores))
+  labels = check_mask(np.ravel(labels), scores.shape)
+  values, inverse = np.unique(scores, return_inverse=True)
+  neg = np.bincount(inverse[~labels], minlength=values.size).astype(np.int64)
+  pos = np.bincount(inverse[labels], minlength=values.size).astype(np.int64)
+  return values, neg, pos
+
+
+def average_precision_from_counts(neg, pos) -> float:
+  """scikit-learn's `average_precision_score` from counts per distinct score (ascending).
+
+  Same arithmetic as scikit-learn (float64 cumulative counts, step integral over decreasing
+  thresholds), so equal to it up to the summation order of identical terms. No positive ->
+  0.0, as scikit-learn (which warns) returns.
+  """
+  tps = np.cumsum(np.asarray(pos)[::-1]).astype(np.float64)
+  fps = np.cumsum(np.asarray(neg)[::-1]).astype(np.float64)
+  ps = tps + fps
+  precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
+  recall = np.ones_like(tps) if tps[-1] == 0 else tps / tps[-1]
+  precision = np.concatenate([precision[::-1], [1.0]])
+  recall = np.concatenate([recall[::-1], [0.0]])
+  return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def average_precision(scores, labels) -> float:
+  """Pooled AP of all voxels (`sklearn.metrics.average_precision_score`, ties included).
+
+  scores: anomaly maps of any shape (e.g. (H, W, Z) or (N, H, W, Z)); labels: bool, same shape.
+  The reference min-max normalises the pooled maps first; AP is rank-based, so raw scores give
+  the same number (spec §5.4). Constant scores are an error (the reference raises there).
+  """
+  values, neg, pos = _class_counts(scores, labels)
+  if values.size < 2:
+    raise EvaluationError("AUPRC: every score has the same value; the reference's min-max "
+                          "normalisation divides by zero and scikit-learn rejects the NaN")
+  return average_precision_from_counts(neg, pos)
+
+
+def roc_auc_from_counts(neg, pos) -> float:
+  """Area under the ROC curve from counts per distinct score (ties count half, as the
+  trapezoid of `sklearn.metrics.roc_auc_score`). NaN without positives or negatives."""
+  tps = np.cumsum(np.asarray(pos)[::-1]).astype(np.float64)
+  fps = np.cumsum(np.asarray(neg)[::-1]).astype(np.float64)
+  if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
+    return float("nan")
+  tpr = np.r_[0.0, tps / tps[-1]]
+  fpr = np.r_[0.0, fps / fps[-1]]
+  return float(np.trapezoid(tpr, fpr))
+
+
+def auroc(scores, labels) -> float:
+  """ROC AUC of scores (any shape) against bool labels; NaN if one class is absent."""
+  _, neg, pos = _class_counts(scores, labels)
+  return roc_auc_from_counts(neg, pos)
+
+
+def best_pooled_dice_from_counts(values, neg, pos) -> tuple[float, float]:
+  """Dataset-level best Dice over every possible threshold (pooled voxels, `pred = x > t`).
+
+  values: distinct scores ascending; neg/pos: counts per value. Returns (dice, t) where t is
+  the distinct value to threshold at (`-inf`: predict everything). The search over all
+  distinct values is the '⌈Dice⌉' of Baur et al. (2021); the reference only sweeps a grid.
+  """
+  pos = np.asarray(pos, np.int64)
+  lesion = pos.sum()
+  if lesion == 0:
+    return float("nan"), float("nan")
+  # Predicting `x > values[j]` keeps the counts of values above j: suffix sums.
+  tp = np.r_[np.cumsum(pos[::-1])[::-1][1:], 0]
+  pred = tp + np.r_[np.cumsum(np.asarray(neg, np.int64)[::-1])[::-1][1:], 0]
+  scores = 2 * tp / (pred + lesion).astype(np.float64)
+  everything = 2 * lesion / (pos.sum() + np.sum(neg) + lesion)
+  j = int(np.argmax(scores))
+  if everything > scores[j]:
+    return float(everything), float("-inf")
+  return float(scores[j]), float(values[j])
+
+
+def roc_curve_all_negative(values, counts, drop_intermediate: bool = True):
+  """`sklearn.metrics.roc_curve(all-False labels, scores)` from counts per distinct score.
+
+  values: (V,) distinct scores ascending; counts: (V,) voxels per value. Returns (fpr,
+  thresholds), thresholds decreasing with `thresholds[0] = +inf`; `fpr[j]` = share of voxels with
+  score >= thresholds[j]. `drop_intermediate` keeps the first and last point and every point
+  where the second difference of the cumulative counts is non-zero, like scikit-learn
+  [PITFALL, spec §6].
+  """
+  thresholds = np.asarray(values)[::-1].astype(np.float64)
+  fps = np.cumsum(np.asarray(counts)[::-1]).astype(np.float64)
+  if drop_intermediate and fps.shape[0] > 2:
+    keep = np.flatnonzero(np.r_[True, np.diff(fps, 2) != 0, True])
+    fps, thresholds = fps[keep], thresholds[keep]
+  fps = np.r_[0.0, fps]
+  return fps / fps[-1], np.r_[np.inf, thresholds]
+
+
+def check_fprs(fprs) -> np.ndarray:
+  fprs = np.atleast_1d(np.asarray(fprs, np.float64))
+  bad = fprs[~((fprs > 0) & (fprs < 1))]
+  if bad.size or fprs.size == 0:
+    raise EvaluationError(f"FPR targets must lie in (0, 1); got {fprs.tolist()}")
+  return fprs
+
+
+def threshold_at_fpr_from_counts(values, counts, fprs,
+                                 drop_intermediate: bool = True) -> np.ndarray:
+  """For each target f: `thresholds[fpr < f][-1]` of the all-negative ROC curve (spec §6).
+
+  The lowest retained ROC threshold whose FPR (score >= thr) is strictly below f. Returns
+  (F,) float32 values of the map (`inf` if even the highest score exceeds the target).
+  """
+  fprs = check_fprs(fprs)
+  fpr, thr = roc_curve_all_negative(values, counts, drop_intermediate)
+  return np.array([thr[fpr < f][-1] for f in fprs], np.float32)
+
+
+def threshold_at_fpr(scores, labels, fprs, drop_intermediate: bool = True) -> np.ndarray:
+  """Threshold estimation of the reference's `calc_thr` mode (evaluation.md §6).
+
+  Args:
+    scores: anomaly maps of healthy validation subjects, any shape (e.g. (N, H, W, Z)).
+    labels: bool, same shape, the reference's healthy-mode labels: True = background (zero
+      intensity) or lesion; the label==False voxels (the brain) are pooled.
+    fprs: (F,) target FPRs in (0, 1).
+  Returns:
+    (F,) float32 thresholds (values of the map) as the reference prints them.
+  """
+  scores = check_scores(np.ravel(scores))
+  labels = check_mask(np.ravel(labels), scores.shape)
+  brain = scores[~labels]
+  if brain.size == 0:
+    raise EvaluationError("threshold estimation: no brain voxel (every label is True)")
+  values, counts = distinct_sorted(np.sort(brain))
+  return threshold_at_fpr_from_counts(values, counts, fprs, drop_intermediate)
