@@ -1,0 +1,236 @@
+"""Calibration and evaluation of a checkpoint over the cohorts of a config.
+
+`calibrate`: lesion-validation cohort (lesion mode, Dice-optimal sweep threshold `opt_thr`) and
+healthy-validation cohort (thresholds at the target FPRs, and the FPR of `opt_thr`) ->
+`<checkpoint step>/calibration.json`.
+`evaluate`: every cohort of `config.eval.cohorts` -> the evaluation module's outputs in
+`<out>/<cohort>/`, a summary table on stdout.
+
+Volumes are read ahead in a background thread (`iterate_volumes`), scored slice-wise on the
+device mesh (`VolumeScorer`) and handed to the evaluator in a second background thread, so disk,
+accelerator and the CPU-side metrics overlap.
+"""
+
+import concurrent.futures
+import contextlib
+import functools
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from uad_jax import evaluation, methods
+from uad_jax.data.splits import read_split
+from uad_jax.data.volume_loader import iterate_volumes
+from uad_jax.engine import checkpoints, sharding, summary
+from uad_jax.engine.config import required_path
+from uad_jax.engine.scoring import VolumeScorer
+from uad_jax.engine.trainer import image_shape
+from uad_jax.errors import ConfigError
+from uad_jax.utils.atomic import atomic_path, atomic_write_text
+
+EXAMPLES_DIR = "examples"
+
+
+def resolve_checkpoint(ckpt, step: int | None) -> tuple[Path, int | None]:
+  """`--ckpt` may name a workdir, its `checkpoints/` folder or one step folder inside it."""
+  ckpt = Path(ckpt).resolve()
+  if (ckpt / "checkpoints").is_dir():
+    return ckpt / "checkpoints", step
+  if ckpt.name.isdigit() and ckpt.parent.is_dir():
+    if step is not None and step != int(ckpt.name):
+      raise ConfigError(f"--ckpt {ckpt} names step {ckpt.name} but --step={step}")
+    return ckpt.parent, int(ckpt.name)
+  if ckpt.is_dir():
+    return ckpt, step
+  raise ConfigError(f"--ckpt {ckpt}: no such checkpoint directory")
+
+
+def restore_scoring_params(config, method, ckpt, step, mesh):
+  """(params used for scoring, step, step directory, restored meta) of a checkpoint."""
+  root, step = resolve_checkpoint(ckpt, step)
+  store = checkpoints.CheckpointStore(root, read_only=True)
+  repl = sharding.replicated(mesh)
+  target = jax.eval_shape(functools.partial(method.init_state, config, jax.random.key(0),
+                                            image_shape(config)))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), target)
+  step, state, _, meta = store.restore(target, step)
+  store.close()
+  params = method.scoring_params(state) if hasattr(method, "scoring_params") else state.ema_params
+  return params, step, root / str(step), meta
+
+
+class _Run:
+  """What every cohort of one calibrate/evaluate call shares."""
+
+  def __init__(self, config, ckpt, step):
+    self.config = config
+    self.method = methods.get_method(config.method)
+    self.mesh = sharding.make_mesh()
+    params, self.step, self.step_dir, self.meta = restore_scoring_params(
+        config, self.method, ckpt, step, self.mesh)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0x5C0E)
+    self.scorer = VolumeScorer(config, self.method, params, self.mesh, rng)
+    self.info = {"method": config.method, "modality": config.data.modality,
+                 "checkpoint_step": self.step, "checkpoint": str(self.step_dir),
+                 "warnings": list(self.meta.get("warnings", []))}
+
+  def score_cohort(self, csv, *, lesion: bool, consume, examples_dir: Path | None = None,
+                   writer=None, tag: str = ""):
+    """Scores every volume of `csv` and calls `consume(scores, labels, brain, meta)` on each
+    ((H, W, Z) arrays, reference layout) in a background thread, in CSV order."""
+    records = read_split(csv)
+    if not records:
+      raise ConfigError(f"{csv}: no subject")
+    for r in records:
+      if r.modality and r.modality != self.config.data.modality:
+        raise ConfigError(f"{csv}: {r.path} is {r.modality} but config.data.modality is "
+                          f"{self.config.data.modality}")
+    volumes = iterate_volumes(records, image_size=self.config.data.image_size,
+                              require_masks=lesion,
+                              clip_percentiles=self.config.data.clip_percentiles)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+      pending = None
+      for i, vol in enumerate(volumes):
+        maps = self.scorer(vol.image, key_index=i)
+        if examples_dir is not None:
+          save_example(examples_dir, vol, maps)
+        if writer is not None and i < 4:
+          writer.images(self.step, f"{tag}/{vol.record.subject}",
+                        example_panel(vol.image, vol.mask, maps))
+        meta = dict(vol.record.meta, path=str(vol.record.path), subject=vol.record.subject,
+                    lesion_voxels_uncropped=vol.lesion_voxels_uncropped)
+        args = (np.moveaxis(maps, 0, -1), np.moveaxis(vol.mask, 0, -1),
+                np.moveaxis(vol.image > 0, 0, -1), meta)
+        if pending is not None:
+          pending.result()   # at most one subject in the evaluator's hands: bounded memory
+        pending = pool.submit(consume, *args)
+      if pending is not None:
+        pending.result()
+
+
+def example_slice(mask: np.ndarray, image: np.ndarray) -> int:
+  """The slice with the largest lesion area, or (no lesion) the one with the most brain."""
+  area = mask.reshape(mask.shape[0], -1).sum(axis=1)
+  if not area.any():
+    area = (image > 0).reshape(image.shape[0], -1).sum(axis=1)
+  return int(np.argmax(area))
+
+
+def save_example(directory: Path, vol, maps: np.ndarray) -> None:
+  """Stores image, mask and map of the example slice of one subject (for reports)."""
+  k = example_slice(vol.mask, vol.image)
+  directory.mkdir(parents=True, exist_ok=True)
+  np.savez_compressed(directory / f"{vol.record.subject}.npz", image=vol.image[k],
+                      mask=vol.mask[k], map=maps[k], slice_index=k, path=str(vol.record.path))
+
+
+def example_panel(image, mask, maps) -> np.ndarray:
+  """(3, H, W) display images of the example slice: input, lesion mask, anomaly map."""
+  k = example_slice(mask, image)
+  return np.stack([image[k], mask[k].astype(np.float32), summary.to_unit_range(maps[k:k + 1])[0]])
+
+
+def calibrate(config, ckpt, step: int | None = None) -> Path:
+  """Writes `calibration.json` next to the checkpoint; returns its path."""
+  run = _Run(config, ckpt, step)
+  lesion_result = None
+  if config.eval.val_lesion_csv:
+    csv = required_path(config, "eval.val_lesion_csv")
+    thresholds = evaluation.ThresholdSet.build(
+        (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step), [])
+    ev = evaluation.Evaluator("lesion", thresholds, kernel_size=config.eval.kernel_size,
+                              info=dict(run.info, cohort="val_lesion"))
+    logging.info("calibration: lesion validation %s", csv)
+    run.score_cohort(csv, lesion=True, consume=ev.add)
+    lesion_result = ev.result()
+  csv = required_path(config, "eval.val_healthy_csv")
+  calibrator = evaluation.Calibrator()
+  logging.info("calibration: healthy validation %s", csv)
+  run.score_cohort(csv, lesion=False, consume=calibrator.add)
+  if jax.process_index() != 0:
+    return run.step_dir / evaluation.calibration.ARTIFACT_NAME
+  path = calibrator.write(run.step_dir, config.eval.fpr_targets, lesion_result=lesion_result,
+                          validation_csv=csv, checkpoint_step=run.step, method=config.method,
+                          modality=config.data.modality)
+  print(f"calibrated thresholds written to {path}")
+  for p in json.loads(path.read_text())["pairs"]:
+    print(f"  {p['key']:>14}: threshold {p['thr']:.6g} ({p['source']}, "
+          f"achieved FPR {p['achieved_fpr']})")
+  return path
+
+
+def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
+             cohorts: list[str] | None = None) -> dict:
+  """Scores every cohort (or the named ones); returns {cohort: EvaluationResult}."""
+  run = _Run(config, ckpt, step)
+  pairs = evaluation.load_thresholds(run.step_dir)
+  thresholds = evaluation.ThresholdSet.build(
+      (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step), pairs)
+  names = list(config.eval.cohorts.keys()) if cohorts is None else cohorts
+  if not names:
+    raise ConfigError("config.eval.cohorts is empty: nothing to evaluate")
+  unknown = [n for n in names if n not in config.eval.cohorts]
+  if unknown:
+    raise ConfigError(f"unknown cohorts {unknown}; config.eval.cohorts has "
+                      f"{list(config.eval.cohorts.keys())}")
+  out_dir = Path(out) if out else run.step_dir.parents[1] / "eval" / f"step_{run.step}"
+  writer = summary.SummaryWriter(run.step_dir.parents[1] / "tensorboard" / "eval")
+  results = {}
+  for name in names:
+    cohort = config.eval.cohorts[name]
+    csv = required_path(config, f"eval.cohorts.{name}.csv")
+    mode = "lesion" if cohort.lesion else "healthy"
+    info = dict(run.info, cohort=name, csv=str(csv), mode=mode)
+    ev = evaluation.Evaluator(mode, thresholds, kernel_size=config.eval.kernel_size, info=info)
+    logging.info("evaluating %s (%s mode): %s", name, mode, csv)
+    with _output_dir(out_dir / name) as tmp:
+      run.score_cohort(csv, lesion=cohort.lesion, consume=ev.add,
+                       examples_dir=tmp / EXAMPLES_DIR if tmp and config.eval.save_examples
+                       else None, writer=writer, tag=f"eval/{name}")
+      results[name] = ev.result()
+      if tmp:
+        evaluation.write_outputs(results[name], tmp,
+                                 f"{config.method}_{config.data.modality}_{name}")
+  writer.close()
+  if jax.process_index() == 0:
+    table = summary_table(results)
+    atomic_write_text(out_dir / "summary.md", table + "\n")
+    print(table)
+    print(f"\nresults written to {out_dir}")
+  return results
+
+
+@contextlib.contextmanager
+def _output_dir(path: Path):
+  """Process 0: a fresh temporary folder renamed to `path` when complete. Others: None."""
+  if jax.process_index() != 0:
+    yield None
+    return
+  with atomic_path(path) as tmp:
+    tmp.mkdir(parents=True)
+    yield tmp
+
+
+def summary_table(results: dict) -> str:
+  """Markdown table: per cohort the headline metrics of raw and median-filtered maps."""
+  fpr_keys = next(iter(results.values())).thresholds.fpr_keys
+  head = ["cohort", "mode", "n", "maps", "best Dice (thr)"] + [
+      f"Dice/FPR @{k}" for k in fpr_keys] + ["AUPRC", "AUROC"]
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"
+  for name, r in results.items():
+    for p in ("raw", "mf"):
+      s = r.summary[p]
+      if r.mode == "lesion":
+        best = s["best_mean_dice"]
+        best_text = f"{fmt(best['value'])} ({best['key']})" if best else "n/a"
+        cells = [fmt(s["dice_mean"][k]) for k in fpr_keys] + [fmt(s["auprc"]), fmt(s["auroc"])]
+      else:
+        best_text = "–"
+        cells = [fmt(s["fpr"][k]) for k in fpr_keys] + ["–", "–"]
+      rows.append("| " + " | ".join([name, r.mode, str(len(r.subjects)), p, best_text] + cells)
+                  + " |")
+  return "\n".join(rows)

@@ -1,0 +1,40 @@
+"""Calibrate or evaluate a checkpoint.
+
+  python -m uad_jax.eval --config configs/andi.py:demo --ckpt WORKDIR --calibrate
+  python -m uad_jax.eval --config configs/andi.py:demo --ckpt WORKDIR [--out DIR]
+
+`--ckpt` is a training workdir (newest checkpoint, or `--step`), its `checkpoints/` folder, or
+one step folder. `--calibrate` scores the validation cohorts and stores the thresholds with the
+checkpoint; plain evaluation scores every cohort of `config.eval.cohorts` with them.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from uad_jax.engine import distributed, evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:preset]",
+                                          lock_config=True)
+_CKPT = flags.DEFINE_string("ckpt", None, "workdir, checkpoints/ folder or step folder")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+_CALIBRATE = flags.DEFINE_bool("calibrate", False, "estimate thresholds on validation cohorts")
+_OUT = flags.DEFINE_string("out", None, "output folder (default: WORKDIR/eval/step_<N>)")
+_COHORTS = flags.DEFINE_list("cohorts", None, "evaluate only these cohorts of the config")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process")
+flags.mark_flags_as_required(["config", "ckpt"])
+
+
+def main(argv):
+  del argv
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  logging.set_verbosity(logging.INFO)
+  if _CALIBRATE.value:
+    evaluate.calibrate(_CONFIG.value, _CKPT.value, _STEP.value)
+  else:
+    evaluate.evaluate(_CONFIG.value, _CKPT.value, _STEP.value, _OUT.value, _COHORTS.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
