@@ -1,0 +1,217 @@
+"""Metric building blocks against scikit-learn, scipy, numpy and the spec's tables."""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from uad_jax.evaluation import lesions, metrics
+from uad_jax.evaluation.histogram import SortedScores, ValueHistogram
+from uad_jax.evaluation.postprocess import median_filter_3d
+from uad_jax.evaluation.thresholds import ThresholdSet, float32_cutoffs, sweep_grid
+
+
+def _tied_scores(rng, n, levels=50):
+  """float32 scores with many exact ties, zeros and a few negatives."""
+  s = np.round(rng.normal(0.3, 0.2, n) * levels) / levels
+  s[rng.random(n) < 0.3] = 0
+  return s.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_precision_and_auroc_equal_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  scores = _tied_scores(rng, 5000)
+  labels = rng.random(5000) < 0.1 + 0.5 * (scores > 0.4)
+  assert metrics.average_precision(scores, labels) == pytest.approx(
+      average_precision_score(labels, scores), abs=1e-12)
+  assert metrics.auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_average_precision_of_constant_scores_is_an_error():
+  with pytest.raises(ValueError, match="same value"):
+    metrics.average_precision(np.full(10, 0.5, np.float32), np.arange(10) < 3)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_threshold_at_fpr_equals_sklearn_roc_curve(tied):
+  # Spec §12.2: 1e5 random scores, targets 0.01 and 0.001, drop_intermediate both ways.
+  rng = np.random.default_rng(3)
+  scores = rng.gamma(2.0, 1.0, 100_000).astype(np.float32)
+  if tied:
+    scores = (np.round(scores * 200) / 200).astype(np.float32)
+  labels = np.zeros(scores.size, bool)   # all brain voxels (label False)
+  for drop in (True, False):
+    with pytest.warns(Warning):
+      fpr, _, thr = roc_curve(np.zeros(scores.size, int), scores, drop_intermediate=drop)
+    for target in (0.01, 0.001):
+      expected = np.float32(thr[fpr < target][-1])
+      got = metrics.threshold_at_fpr(scores, labels, [target], drop_intermediate=drop)
+      assert got.dtype == np.float32 and got[0] == expected
+
+
+def test_threshold_at_fpr_ignores_background_and_checks_targets():
+  scores = np.array([5.0, 1.0, 2.0, 3.0], np.float32)
+  labels = np.array([True, False, False, False])   # the 5.0 voxel is background
+  assert metrics.threshold_at_fpr(scores, labels, [0.5])[0] == 3.0
+  for bad in ([0.0], [1.0], [-0.1], [1.5], []):
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+      metrics.threshold_at_fpr(scores, labels, bad)
+  with pytest.raises(ValueError, match="no brain voxel"):
+    metrics.threshold_at_fpr(scores, np.ones(4, bool), [0.1])
+
+
+def test_dice_per_threshold_float64_and_float32_compare():
+  t = 0.17
+  x = np.float32(t)                      # float32(0.17) > 0.17 as a double
+  assert float(x) > t
+  scores = np.zeros((4, 4, 2), np.float32)
+  scores[0, 0, 0] = x
+  labels = np.zeros_like(scores, bool)
+  labels[0, 0, 0] = True
+  # Sweep thresholds (float64) predict the voxel; thr_fpr (float32) does not.
+  np.testing.assert_array_equal(metrics.dice_per_threshold(scores, labels, [t]), [1.0])
+  np.testing.assert_array_equal(metrics.dice_per_threshold(scores, labels, np.float32([t])),
+                                [0.0])
+  # Empty mask: 0 where something is predicted, NaN where nothing is.
+  d = metrics.dice_per_threshold(scores, np.zeros_like(labels), [0.1, 0.5])
+  assert d[0] == 0 and np.isnan(d[1])
+
+
+def test_dice_per_threshold_equals_numpy_formula():
+  rng = np.random.default_rng(4)
+  scores = _tied_scores(rng, 2000).reshape(10, 20, 10)
+  labels = rng.random(scores.shape) < 0.2
+  keys, values = sweep_grid(0.0, 0.6, 0.05)
+  got = metrics.dice_per_threshold(scores, labels, values)
+  for t, d in zip(values, got):
+    p = scores > t                       # numpy float64 scalar: the reference's compare
+    assert d == 2 * (p & labels).sum() / (p.sum() + labels.sum())
+
+
+def test_float32_cutoffs_reproduce_float64_compare():
+  rng = np.random.default_rng(5)
+  t = np.r_[rng.uniform(-1, 1, 200), [0.0, 0.17, 1e-05, 100, 0.29, 1e39]]
+  c = float32_cutoffs(t)
+  near = np.float32(t[:-1])                # 1e39 overflows float32: only its cutoff is checked
+  x = np.concatenate([near] + [np.nextafter(near, np.float32(d)) for d in (-np.inf, np.inf)])
+  for ti, ci in zip(t, c):
+    np.testing.assert_array_equal(x > ti, x > ci)
+
+
+# Spec §7.1: (start, end, step) -> number of keys, first key, last key.
+SWEEPS = {
+    "ANDi": ((0.00001, 0.00005, 0.000001), 41, "1e-05", "5e-05"),
+    "Disyre": ((0.001, 0.1, 0.001), 99, "0.001", "0.099"),
+    "FAE": ((0.35, 0.7, 0.01), 35, "0.35", "0.69"),
+    "IterMask": ((0.001, 0.1, 0.001), 99, "0.001", "0.099"),
+    "PatchCore": ((0.6, 0.9, 0.01), 31, "0.6", "0.9"),
+    "RD": ((0.01, 0.3, 0.01), 29, "0.01", "0.29"),
+    "RIAD": ((0, 0.03, 0.001), 30, "0.0", "0.029"),
+    "UniAD": ((100, 150, 5), 10, "100", "145"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SWEEPS))
+def test_sweep_grid_matches_spec_table(method):
+  args, count, first, last = SWEEPS[method]
+  keys, values = sweep_grid(*args)
+  assert (len(keys), keys[0], keys[-1]) == (count, first, last)
+  assert values.dtype == (np.int64 if method == "UniAD" else np.float64)
+
+
+def test_threshold_set_duplicate_fpr_keeps_first_position_last_value():
+  ts = ThresholdSet.build((0.0, 0.02, 0.01), [(0.004, 0.05), (0.01, 0.03), (0.01, 0.02)])
+  assert ts.keys == ("0.0", "0.01", "FPR-0.004", "FPR-0.01")
+  assert ts.fpr_values == (0.05, 0.02)
+  assert ts.cutoffs.dtype == np.float32 and ts.cutoffs[-1] == np.float32(0.02)
+
+
+def test_round_fpr_uses_numpy_rounding():
+  # Spec §5.5: numpy's scale-and-round differs from Python's decimal rounding here.
+  assert metrics.round_fpr(1, 8000) == 0.00012
+  assert metrics.round_fpr(4, 1280) == 0.00312
+  assert np.isnan(metrics.round_fpr(0, 0))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(16, 12, 1), (10, 9, 3), (2, 5, 2), (70, 40, 35)])
+def test_median_filter_equals_scipy(k, shape):
+  rng = np.random.default_rng(k)
+  v = _tied_scores(rng, int(np.prod(shape)), levels=8).reshape(shape)
+  v[: shape[0] // 2] = 0                 # constant tiles take the shortcut
+  np.testing.assert_array_equal(median_filter_3d(v, k), scipy.ndimage.median_filter(v, size=k))
+  w = rng.normal(size=shape)             # float64, all distinct
+  np.testing.assert_array_equal(median_filter_3d(w, k), scipy.ndimage.median_filter(w, size=k))
+
+
+def test_median_filter_rejects_nan_and_bad_shapes():
+  v = np.zeros((4, 4, 4), np.float32)
+  v[1, 1, 1] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    median_filter_3d(v, 4)
+  with pytest.raises(ValueError, match="3-D"):
+    median_filter_3d(np.zeros((4, 4)), 4)
+
+
+def test_value_histogram_merges_exactly():
+  rng = np.random.default_rng(6)
+  hist = ValueHistogram(2)
+  all_values, all_labels = [], []
+  for _ in range(13):
+    n = int(rng.integers(1, 400))
+    v = _tied_scores(rng, n, levels=20)
+    lab = rng.random(n) < 0.3
+    hist.add([SortedScores.from_values(v[~lab]), SortedScores.from_values(v[lab])])
+    all_values.append(v)
+    all_labels.append(lab)
+  v, lab = np.concatenate(all_values), np.concatenate(all_labels)
+  values, counts = hist.table()
+  u, inv = np.unique(v, return_inverse=True)
+  np.testing.assert_array_equal(values, u)
+  np.testing.assert_array_equal(counts[:, 0], np.bincount(inv[~lab], minlength=u.size))
+  np.testing.assert_array_equal(counts[:, 1], np.bincount(inv[lab], minlength=u.size))
+
+
+@pytest.mark.parametrize("n", [1, 2, 999, 1000, 1001, 5000])
+def test_quantile_and_counts_of_sorted_scores(n):
+  rng = np.random.default_rng(n)
+  v = _tied_scores(rng, n)
+  s = SortedScores.from_values(v)
+  assert s.quantile_higher(0.999) == np.quantile(v, 0.999, method="higher")
+  cut = np.float32([-1, -0.1, 0, 0.3, 2])
+  np.testing.assert_array_equal(s.count_above(cut), [(v > c).sum() for c in cut])
+
+
+def test_best_pooled_dice_is_the_best_over_all_thresholds():
+  rng = np.random.default_rng(7)
+  v = _tied_scores(rng, 3000, levels=30)
+  lab = rng.random(3000) < 0.05 + 0.4 * (v > 0.45)
+  u, inv = np.unique(v, return_inverse=True)
+  neg, pos = np.bincount(inv[~lab], minlength=u.size), np.bincount(inv[lab], minlength=u.size)
+  dice, thr = metrics.best_pooled_dice_from_counts(u, neg, pos)
+  brute = [2 * ((v > t) & lab).sum() / ((v > t).sum() + lab.sum()) for t in np.r_[-np.inf, u]]
+  assert dice == pytest.approx(max(brute), abs=1e-15)
+  assert 2 * ((v > thr) & lab).sum() / ((v > thr).sum() + lab.sum()) == pytest.approx(dice)
+
+
+def test_lesion_hits_and_false_positive_components():
+  rng = np.random.default_rng(8)
+  labels = np.zeros((20, 18, 10), bool)
+  labels[2:5, 2:5, 2:4] = True             # lesion 1
+  labels[10:12, 10:13, 5:8] = True         # lesion 2
+  labels[15, 15, 9] = True                 # lesion 3 (one voxel)
+  scores = (rng.random(labels.shape) * 0.5 * (rng.random(labels.shape) < 0.1)).astype(np.float32)
+  scores[3, 3, 3] = 0.9                    # lesion 1 hit at high thresholds
+  comps = lesions.LesionComponents(labels)
+  assert comps.count == 3
+  cut = np.float32([0.0, 0.3, 0.8, 0.95])
+  ids, n = scipy.ndimage.label(labels, structure=np.ones((3, 3, 3)))
+  expected = [sum((scores[ids == i] > c).any() for i in range(1, n + 1)) for c in cut]
+  np.testing.assert_array_equal(lesions.hits(comps.max_scores(scores), cut), expected)
+  nonzero = np.flatnonzero(scores)
+  for c in cut:
+    pred_ids, m = scipy.ndimage.label(scores > c, structure=np.ones((3, 3, 3)))
+    fp = sum(not labels[pred_ids == i].any() for i in range(1, m + 1))
+    assert lesions.false_positive_components(scores, labels, c, nonzero) == fp
+    assert lesions.false_positive_components(scores, labels, c) == fp
