@@ -1,14 +1,15 @@
 """grain training pipeline: shapes, value ranges, seeded epochs, sharding, resumable state."""
 
 import hashlib
-import itertools
 import json
+import pickle
 
 import numpy as np
 import pytest
 
 from data_helpers import make_cohort, write_csv
 from uad_jax.data import SliceDataSource, make_train_iterator, write_slice_database
+from uad_jax.data.pipeline import EpochShuffle
 from uad_jax.data.volumes import center_crop_pad
 from uad_jax.errors import ConfigError
 
@@ -43,18 +44,26 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
 def test_batches_shape_dtype_and_crop(db, fingerprints):
   with make_train_iterator(db, global_batch_size=5, image_size=16, seed=0) as it:
     batch = next(it)
     assert set(batch) == {"image"}
     assert batch["image"].shape == (5, 16, 16, 1) and batch["image"].dtype == np.float32
-    assert it.local_batch_size == 5 and it.slices_per_epoch == N_SLICES
+    assert it.local_batch_size == 5 and it.slices_per_epoch == N_SLICES and it.step == 1
     src = SliceDataSource(db)
     first = fingerprints[_fp(batch["image"][0, ..., 0])]
     # 18x14 -> 16x16: rows cropped at offset round(1.0) = 1, columns padded 1 / 1.
     expected = np.zeros((16, 16), np.float32)
     expected[:, 1:15] = src[first]["image"][1:17, :]
     np.testing.assert_array_equal(batch["image"][0, ..., 0], expected)
+  with make_train_iterator(db, global_batch_size=3, image_size=None, seed=0) as it:
+    assert next(it)["image"].shape == (3, 18, 14, 1)  # stored size, uncropped
 
 
 @pytest.mark.parametrize("value_range", [(-1.0, 1.0), (-3.0, 3.0)])
@@ -73,41 +82,56 @@ def test_epochs_are_seeded_permutations_with_full_batches(db, fingerprints):
   with make_train_iterator(db, global_batch_size=8, image_size=16, seed=7) as it:
     order = _indices(_take(it, 10), fingerprints)  # 80 slices = 4 epochs
   epochs = [order[i:i + N_SLICES] for i in range(0, 80, N_SLICES)]
-  for e in epochs:
-    assert sorted(e) == list(range(N_SLICES))  # each epoch: every slice exactly once
+  for e, visited in enumerate(epochs):
+    assert visited == np.random.default_rng([7, e]).permutation(N_SLICES).tolist()
   assert len({tuple(e) for e in epochs}) == 4  # a new permutation every epoch
-  assert epochs[0] != list(range(N_SLICES))  # shuffled
   with make_train_iterator(db, global_batch_size=8, image_size=16, seed=7) as again, \
       make_train_iterator(db, global_batch_size=8, image_size=16, seed=8) as other:
     assert _indices(_take(again, 10), fingerprints) == order
     assert _indices(_take(other, 10), fingerprints) != order
 
 
-def test_sharding_by_process_splits_each_epoch(db, fingerprints):
-  per_process = []
-  for process_index in range(2):
-    with make_train_iterator(db, global_batch_size=4, image_size=16, seed=1,
-                             process_index=process_index, process_count=2) as it:
-      assert it.local_batch_size == 2 and it.slices_per_epoch == N_SLICES // 2
-      order = _indices(_take(it, 10), fingerprints)  # 2 local epochs of 10 slices
-      assert sorted(order[:10]) == sorted(order[10:])
-      per_process.append(set(order[:10]))
-  assert per_process[0].isdisjoint(per_process[1])
-  assert per_process[0] | per_process[1] == set(range(N_SLICES))
+def test_processes_split_each_global_batch(db):
+  with make_train_iterator(db, global_batch_size=6, image_size=16, seed=1) as single:
+    expected = _take(single, 7)  # crosses two epoch boundaries
+  parts = []
+  for process_index in range(3):
+    with make_train_iterator(db, global_batch_size=6, image_size=16, seed=1,
+                             process_index=process_index, process_count=3) as it:
+      assert it.local_batch_size == 2
+      parts.append(_take(it, 7))
+  merged = [{"image": np.concatenate([p[g]["image"] for p in parts])} for g in range(7)]
+  _assert_same(merged, expected)
 
 
-def test_resume_from_state_gives_exactly_the_same_batches(db, fingerprints):
+def test_resume_from_state_gives_exactly_the_same_batches(db):
   kwargs = dict(global_batch_size=6, image_size=16, seed=11)
   with make_train_iterator(db, **kwargs) as it:
     _take(it, 3)  # 18 slices: the next batches cross into epoch 2
     state = it.get_state()
     expected = _take(it, 4)
-  assert isinstance(state, bytes) and json.loads(state)  # storable as JSON in a checkpoint
+  assert json.loads(state)["step"] == 3  # bytes of JSON, storable in a checkpoint
   with make_train_iterator(db, **kwargs) as resumed:
+    next(resumed)  # a used iterator can be rewound too
     resumed.set_state(state)
-    got = _take(resumed, 4)
-  for a, b in zip(got, expected):
-    np.testing.assert_array_equal(a["image"], b["image"])
+    _assert_same(_take(resumed, 4), expected)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seed=12), "saved for another pipeline"),
+    (dict(global_batch_size=3), "saved for another pipeline"),
+    (dict(value_range=(-1, 1)), "saved for another pipeline"),
+])
+def test_state_of_another_pipeline_is_refused(db, change, message):
+  kwargs = dict(global_batch_size=6, image_size=16, seed=11)
+  with make_train_iterator(db, **kwargs) as it:
+    next(it)
+    state = it.get_state()
+  with make_train_iterator(db, **{**kwargs, **change}) as other:
+    with pytest.raises(ConfigError, match=message):
+      other.set_state(state)
+    with pytest.raises(ConfigError, match="not a TrainIterator state"):
+      other.set_state(b'{"step": 1}')
 
 
 def test_reference_format_feeds_the_same_pipeline(db, tmp_path):
@@ -120,11 +144,21 @@ def test_reference_format_feeds_the_same_pipeline(db, tmp_path):
       np.testing.assert_allclose(x["image"], y["image"], atol=1e-7)
 
 
+def test_epoch_shuffle_pickles_and_maps_positions():
+  order = EpochShuffle(5, seed=3)
+  clone = pickle.loads(pickle.dumps(order))
+  positions = np.arange(3, 13)  # epochs 0, 1, 2
+  expected = np.concatenate([np.random.default_rng([3, e]).permutation(5) for e in range(3)])
+  np.testing.assert_array_equal(clone(positions), expected[3:13])
+  np.testing.assert_array_equal(order(positions), expected[3:13])
+  with pytest.raises(ConfigError, match="seed must be in"):
+    EpochShuffle(5, seed=-1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(global_batch_size=5, process_count=2), "multiple of process_count 2"),
     (dict(global_batch_size=0), "positive multiple"),
     (dict(global_batch_size=4, process_index=2, process_count=2), r"process_index 2 not in"),
-    (dict(global_batch_size=32, process_count=32), "20 slices cannot be shared by 32"),
 ])
 def test_bad_pipeline_config(db, kwargs, message):
   with pytest.raises(ConfigError, match=message):
@@ -132,18 +166,18 @@ def test_bad_pipeline_config(db, kwargs, message):
 
 
 def test_worker_process_gives_the_same_batches_and_resumes(db):
-  """The one test with a spawned grain worker (slow start)."""
+  """The one test with a spawned grain worker (slow start); resumes across worker counts."""
   kwargs = dict(global_batch_size=4, image_size=16, seed=5)
   with make_train_iterator(db, **kwargs) as inline:
     expected = _take(inline, 6)
+    state = inline.get_state()
+    expected_after = _take(inline, 2)
   with make_train_iterator(db, worker_count=1, **kwargs) as it:
-    got = _take(it, 3)
-    state = it.get_state()
-  with make_train_iterator(db, worker_count=1, **kwargs) as resumed:
-    resumed.set_state(state)
-    got += _take(resumed, 3)
-  for a, b in itertools.zip_longest(got, expected):
-    np.testing.assert_array_equal(a["image"], b["image"])
-  resumed.close()  # idempotent; a closed iterator refuses to continue
+    got = _take(it, 6)
+    it.set_state(state)
+    got_after = _take(it, 2)
+  _assert_same(got, expected)
+  _assert_same(got_after, expected_after)
+  it.close()  # idempotent; a closed iterator refuses to continue
   with pytest.raises(ValueError, match="closed"):
-    next(resumed)
+    next(it)

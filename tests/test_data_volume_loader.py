@@ -9,7 +9,7 @@ import pytest
 from data_helpers import make_cohort, reference_normalise, write_csv, write_nifti
 from uad_jax.data import iterate_volumes, read_split
 from uad_jax.data import volume_loader
-from uad_jax.errors import DataError
+from uad_jax.errors import ConfigError, DataError
 
 
 def _reader_threads():
@@ -94,3 +94,12 @@ def test_constant_volume_in_an_eval_cohort(tmp_path):
   records = read_split(write_csv(tmp_path / "s.csv", paths))
   with pytest.raises(DataError, match="sub-000_T1w.nii.gz: constant volume"):
     next(iterate_volumes(records, image_size=16, require_masks=False))
+
+
+def test_configured_data_type_must_match_the_file_names(tmp_path):
+  paths = make_cohort(tmp_path / "ds", 1, modality="T2w")
+  records = read_split(write_csv(tmp_path / "s.csv", paths))
+  (v,) = iterate_volumes(records, image_size=16, require_masks=False, data_type="T2w")
+  assert v.record.modality == "T2w"
+  with pytest.raises(ConfigError, match="sub-000_T2w.nii.gz: file name says T2w but data_type"):
+    list(iterate_volumes(records, image_size=16, require_masks=False, data_type="T1w"))

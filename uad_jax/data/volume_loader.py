@@ -35,10 +35,19 @@ class EvalVolume:
 
 
 def load_eval_volume(record: SubjectRecord, *, image_size: int | None, require_masks: bool,
-                     clip_percentiles: Sequence[float] | None = None) -> EvalVolume:
-  """Loads one subject (see `EvalVolume`); `image_size=None` keeps the in-plane size."""
+                     clip_percentiles: Sequence[float] | None = None,
+                     data_type: str | None = None) -> EvalVolume:
+  """Loads one subject (see `EvalVolume`).
+
+  Args:
+    record: the split CSV row.
+    image_size: in-plane center crop/pad size; None keeps the stored size.
+    require_masks: True for lesion cohorts (a missing mask is an error).
+    clip_percentiles: optional percentile clipping before min-max scaling.
+    data_type: the configured modality (`'T1w'`/`'T2w'`), checked against the file name.
+  """
   vol = load_volume(record.path, clip_percentiles=clip_percentiles)
-  mask = load_mask(record.path, vol.shape, required=require_masks)
+  mask = load_mask(record.path, vol.shape, required=require_masks, data_type=data_type)
   # (X, Y, Z) -> (Z, X, Y): slice k is vol[:, :, k], rows = NIfTI axis 0 (reference transpose).
   image = np.moveaxis(vol, 2, 0)
   mask_zxy = np.moveaxis(mask, 2, 0)
@@ -55,8 +64,10 @@ _DONE = object()
 
 def iterate_volumes(records: Iterable[SubjectRecord], *, image_size: int | None,
                     require_masks: bool, clip_percentiles: Sequence[float] | None = None,
-                    prefetch: int = 2) -> Iterator[EvalVolume]:
+                    prefetch: int = 2, data_type: str | None = None) -> Iterator[EvalVolume]:
   """Yields `EvalVolume`s in record order, reading up to `prefetch` volumes ahead in a thread.
+
+  Arguments as in `load_eval_volume`.
 
   An error while loading is re-raised in the consumer at the position of the failing record
   (as `DataError` naming the file). If the consumer stops early (break, exception, `close()`),
@@ -81,7 +92,7 @@ def iterate_volumes(records: Iterable[SubjectRecord], *, image_size: int | None,
     for record in records:
       try:
         item = load_eval_volume(record, image_size=image_size, require_masks=require_masks,
-                                clip_percentiles=clip_percentiles)
+                                clip_percentiles=clip_percentiles, data_type=data_type)
       except UadError as e:
         item = e
       except Exception as e:  # anything unexpected still names the file in the consumer
