@@ -319,7 +319,8 @@ def test_import_trusts_the_recorded_torchvision_source(tmp_path, reduced_wrn, su
   sidecar = iw.import_weights(v1, tmp_path / "v1", backbone)
   assert sidecar["paper_weights"] and not sidecar["forced"]
   assert (sidecar["torchvision_weights"], sidecar["torchvision_file"],
-          sidecar["torchvision_sha256"]) == ("IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth", V1_SHA)
+          sidecar["torchvision_sha256"]) == (
+              "IMAGENET1K_V1", "wide_resnet50_2-95faca4d.pth", V1_SHA)
   _, _, info = bb.load_backbone(backbone, tmp_path / "v1", ("layer3",))
   assert info["paper_weights"] and info["warning"] is None and info["sha256"] == V1_SHA
 

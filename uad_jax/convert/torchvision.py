@@ -6,7 +6,7 @@ Module paths are renamed per family (`layer2.0.downsample.1` -> `layer2_0/downsa
 
 | torch leaf | Flax conv | Flax BatchNorm |
 |---|---|---|
-| weight (O, I, kh, kw) | params/.../kernel = w.transpose(2, 3, 1, 0) (kh, kw, I, O) | params/.../scale |
+| weight (O, I, kh, kw) | params/.../kernel = w.transpose(2, 3, 1, 0) | params/.../scale |
 | bias | params/.../bias | params/.../bias |
 | running_mean, running_var | - | batch_stats/.../mean, var |
 | num_batches_tracked | dropped | dropped |

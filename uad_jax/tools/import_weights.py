@@ -31,8 +31,9 @@ import numpy as np
 
 from uad_jax.convert.torchvision import torchvision_to_flax
 from uad_jax.errors import DataError, UadError
-from uad_jax.networks.backbones import (BACKBONES, REFERENCE_NAMES, Backbone, check_torchvision_hash,
-                                        get_backbone, save_backbone_weights, sha256_of)
+from uad_jax.networks.backbones import (BACKBONES, REFERENCE_NAMES, Backbone,
+                                        check_torchvision_hash, get_backbone,
+                                        save_backbone_weights, sha256_of)
 
 NPZ_META = ("__source_file__", "__source_sha256__")
 TORCH_HINT = ("pip install torch==2.13.0 (CPU), or convert to .safetensors/.npz elsewhere "
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     return 2
   print(f"wrote {args.out.resolve()}: {sidecar['arch']} up to {sidecar['until']}, "
         f"{sidecar['num_tensors']} tensors {sidecar['num_values']}, weights "
-        f"{sidecar['torchvision_weights'] or 'UNKNOWN'} ({sidecar['torchvision_file'] or 'forced'})")
+        f"{sidecar['torchvision_weights'] or 'UNKNOWN'} "
+        f"({sidecar['torchvision_file'] or 'forced'})")
   return 0
 
 
