@@ -43,7 +43,11 @@ def resolve_database_dir(path) -> Path:
 
 
 def _identity(db_dir: Path) -> tuple[int, int]:
-  st = os.stat(db_dir / "data.mdb")
+  """Which file `db_dir/data.mdb` is (device, inode): a rebuilt database is another file."""
+  try:
+    st = os.stat(db_dir / "data.mdb")
+  except OSError as e:
+    raise DataError(f"{db_dir}: cannot access the LMDB data file ({e})") from e
   return st.st_dev, st.st_ino
 
 
