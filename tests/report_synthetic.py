@@ -55,8 +55,13 @@ def _subject(rng, kind: str | None, signal: float, index: int):
 
 
 def make_run(root, method: str = "ANDi", modality: str = "T1w", *, step: int = 5,
-             signal: float = 0.8, seed: int = 0, cohorts=COHORTS) -> Path:
-  """Writes the eval outputs of one run under `root/<method>_<modality>`; returns the workdir."""
+             signal: float = 0.8, seed: int = 0, cohorts=COHORTS,
+             extra_meta: dict | None = None) -> tuple[Path, dict]:
+  """Writes the eval outputs of one run under `root/<method>_<modality>`.
+
+  extra_meta: metadata added to every subject (e.g. a participants.tsv `cohort` column).
+  Returns (workdir, {cohort: EvaluationResult}).
+  """
   workdir = Path(root) / f"{method}_{modality}"
   step_dir = workdir / "checkpoints" / str(step)
   step_dir.mkdir(parents=True)
@@ -68,7 +73,7 @@ def make_run(root, method: str = "ANDi", modality: str = "T1w", *, step: int = 5
   thresholds = evaluation.ThresholdSet.build(SWEEP, [(f, t) for f, t, _ in CALIBRATION])
   out = workdir / "eval" / f"step_{step}"
   rng = np.random.default_rng(seed)
-  lines = []
+  lines, results = [], {}
   for name, kind, n in cohorts:
     mode = "healthy" if kind is None else "lesion"
     info = {"method": method, "modality": modality, "checkpoint_step": step,
@@ -77,6 +82,7 @@ def make_run(root, method: str = "ANDi", modality: str = "T1w", *, step: int = 5
     cohort_dir = out / name
     for i in range(n):
       scores, mask, brain, image, meta = _subject(rng, kind, signal, i)
+      meta.update(extra_meta or {})
       ev.add(scores, mask, brain, meta)
       k = int(np.argmax(mask.sum((0, 1)))) if mask.any() else SHAPE[2] // 2
       (cohort_dir / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
@@ -84,6 +90,7 @@ def make_run(root, method: str = "ANDi", modality: str = "T1w", *, step: int = 5
                           image=image[..., k], mask=mask[..., k], map=scores[..., k],
                           slice_index=k, path=meta["path"])
     ev.write(cohort_dir, f"{method}_{modality}_{name}")
+    results[name] = ev.result()
     lines.append(f"{name}: {mode}, {n} subjects")
   atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
-  return workdir
+  return workdir, results
