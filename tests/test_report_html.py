@@ -184,3 +184,19 @@ def test_failed_report_keeps_the_previous_one(report, tmp_path, monkeypatch):
 def test_cli_error_message(tmp_path, capsys):
   assert cli.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
   assert "no results.json" in capsys.readouterr().err
+
+
+def test_figures_and_tables_are_deterministic(report, tmp_path):
+  out, andi, rd = report
+  summary = pd.read_csv(out / "tables" / "summary.csv", dtype={"role": str,
+                                                               "threshold_key": str},
+                        keep_default_na=False, na_values=[""])
+  for d in ("a", "b"):
+    figures.save(figures.dice_overview(summary, "raw"), tmp_path / d, "overview")
+  for ext in ("png", "svg"):
+    assert ((tmp_path / "a" / f"overview.{ext}").read_bytes()
+            == (tmp_path / "b" / f"overview.{ext}").read_bytes())
+  cohorts = write.load.load_cohorts([andi, rd])
+  subjects = tables.add_strata(write.load.subject_table(cohorts))
+  again = tables.summary_table(cohorts, subjects, tables.Options(n_resamples=200))
+  assert again.to_csv(index=False) == (out / "tables" / "summary.csv").read_text()

@@ -211,8 +211,8 @@ def _box_panel(ax, groups: dict[str, np.ndarray], min_stratum: int, colour: str,
     v = groups[k][np.isfinite(groups[k])]
     ax.plot(i + rng.uniform(-0.15, 0.15, v.size), v, "o", color=colour, markersize=2.5,
             alpha=0.8, markeredgewidth=0)
-  labels = [f"{k}\n(n={np.isfinite(groups[k]).sum()})" if i in big else
-            f"{k}\n(n < {min_stratum})" for i, k in enumerate(names)]
+  labels = [f"{k}\nn={np.isfinite(groups[k]).sum()}" if i in big else
+            f"{k}\nn<{min_stratum}" for i, k in enumerate(names)]
   ax.set_xticks(range(len(names)), labels)
   ax.set_xlim(-0.6, len(names) - 0.4)
   ax.set_ylabel(ylabel)
@@ -324,7 +324,7 @@ def example_panel(cohort, subjects: pd.DataFrame, postproc: str = "raw") -> Figu
   vmax = float(np.quantile(brain, 0.995)) if brain.size else 1.0
   vmax = max(vmax, float(best["threshold"]) * 1.2, 1e-12)
   with matplotlib.rc_context(STYLE):
-    fig = _figure(WIDTH * 0.8, 1.75 * len(data) + 0.3)
+    fig = _figure(WIDTH * 0.8, 1.4 * len(data) + 0.5)
     axes = fig.subplots(len(data), 4, squeeze=False)
     for r, (rank, row, image, mask, amap) in enumerate(data):
       pred = amap > best["threshold"]

@@ -171,10 +171,11 @@ def load_cohorts(paths) -> list[CohortResult]:
   for parent, (method, modality) in runs.items():
     same = [p for p, k in runs.items() if k == (method, modality)]
     labels[parent] = method if len(same) == 1 else f"{method} ({_run_name(parent)})"
-  clashes = [lab for lab in labels.values() if list(labels.values()).count(lab) > 1]
-  if len(set(labels.values())) < len(labels):
+  names = list(labels.values())
+  clashes = sorted({lab for lab in names if names.count(lab) > 1})
+  if clashes:
     raise DataError(f"runs cannot be told apart (same method, modality and workdir name): "
-                    f"{sorted(set(clashes))}; pass them in separate reports")
+                    f"{clashes}; pass them in separate reports")
   cohorts = [_cohort(directory, doc, labels[directory.parent]) for directory, doc in raw]
   seen = {}
   for c in cohorts:

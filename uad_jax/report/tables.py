@@ -267,11 +267,12 @@ def ordered_levels(column: str, values: pd.Series) -> list[str]:
 # ----------------------------------------------------------------------------- formatting
 
 def format_number(value, digits: int = 3) -> str:
+  """`digits` decimals, or `digits` significant digits below 0.1 (FPRs such as 0.00267)."""
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return "n/a"
   value = float(value)
-  if value != 0 and abs(value) < 10 ** -digits:
-    return f"{value:.2e}"
+  if value != 0 and abs(value) < 0.1:
+    return f"{value:.{digits}g}"
   return f"{value:.{digits}f}"
 
 
