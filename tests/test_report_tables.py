@@ -16,9 +16,10 @@ OPTIONS = tables.Options(n_resamples=300, seed=0, min_stratum=3)
 
 
 def _tiny_table() -> pd.DataFrame:
-  """8 lesion subjects (scanners A, A, A, B, B, B, C, C) and 6 healthy ones, one role 'R'."""
+  """8 lesion subjects in 2 cohorts (scanners A, A, A, B, B, B, C, C) and 6 healthy ones, one
+  calibrated threshold role 'R'."""
   lesion = pd.DataFrame({
-      "cohort": "c1", "mode": "lesion",
+      "cohort": ["c1"] * 4 + ["c2"] * 4, "mode": "lesion",
       "subject_path": [f"l{i}" for i in range(8)],
       "scanner": list("AAABBBCC"),
       "sex": list("FMFMFMFM"),
@@ -70,7 +71,7 @@ def test_strata_hand_computed():
   assert _row(strata, stratum="B", **dice)["value"] == pytest.approx(0.6)
   c = _row(strata, stratum="C", **dice)   # 2 subjects: reported as too few, not a number
   assert c["n"] == 2 and c["note"] == "n < 3" and math.isnan(c["value"])
-  assert _row(strata, stratum="F", scope="c1", factor="sex", metric="dice",
+  assert _row(strata, stratum="F", scope=tables.ALL_LESION, factor="sex", metric="dice",
               role="R")["value"] == pytest.approx((0.0 + 0.2 + 0.5 + 0.8) / 4)
   # Detection is pooled: A (1 + 1 + 0) / (1 + 2 + 1), B (2 + 1 + 2) / (2 + 1 + 2).
   det = dict(scope=tables.ALL_LESION, factor="scanner", metric="detection", role="R")
@@ -82,10 +83,16 @@ def test_strata_hand_computed():
   assert _row(strata, stratum="B", **fpr)["value"] == pytest.approx(0.2)
   # Age bins: <18 and 18-40 have 3 subjects, ≥65 two; lesion type is constant (no strata).
   ages = strata[(strata["factor"] == "age bin") & (strata["metric"] == "dice")
-                & (strata["role"] == "best") & (strata["scope"] == "c1")]
+                & (strata["role"] == "best") & (strata["scope"] == tables.ALL_LESION)]
   assert list(ages["stratum"]) == ["<18", "18–40", "≥65"]
   assert list(ages["note"]) == ["", "", "n < 3"]
   assert not (strata["factor"] == "lesion type").any()
+  # Each cohort is a scope of its own; one healthy cohort gets no pooled scope.
+  assert set(strata["scope"]) == {tables.ALL_LESION, "c1", "c2", "h1"}
+  assert _row(strata, scope="c1", factor="scanner", stratum="A", metric="dice",
+              role="best")["value"] == pytest.approx(0.2)
+  assert _row(strata, scope="c2", factor="scanner", stratum="B", metric="dice",
+              role="best")["note"] == "n < 3"
 
 
 def test_tests_hand_computed_and_holm_within_family():

@@ -181,16 +181,14 @@ def _subject_auroc(lesion_rows, subjects, healthy, postproc, options) -> dict:
 
 
 def _scopes(subjects: pd.DataFrame):
-  """(scope name, rows, mode) per run/modality/postproc: pooled lesion cohorts, each lesion
-  cohort, each healthy cohort (and all of them when there are several)."""
+  """(scope name, rows, mode) per run/modality/postproc: every cohort, and the lesion (healthy)
+  cohorts pooled when there are several."""
   for (run, modality, postproc), rows in subjects.groupby(["run", "modality", "postproc"],
                                                           sort=False):
     for mode, pooled in (("lesion", ALL_LESION), ("healthy", ALL_HEALTHY)):
       part = rows[rows["mode"] == mode]
       names = list(dict.fromkeys(part["cohort"]))
-      if mode == "lesion" and names:
-        yield (run, modality, postproc), pooled, part, mode
-      elif len(names) > 1:
+      if len(names) > 1:
         yield (run, modality, postproc), pooled, part, mode
       for name in names:
         yield (run, modality, postproc), name, part[part["cohort"] == name], mode

@@ -15,6 +15,8 @@ import html
 import re
 from pathlib import Path
 
+import numpy as np
+
 from uad_jax.report import figures as figs
 from uad_jax.report import load, stats, tables, tensorboard
 from uad_jax.report.html import figure_html, page, table_html
@@ -203,9 +205,13 @@ def _index(cohorts, wide, strata, strata_text, tests, tests_text, written, optio
       ("healthy", "Healthy cohorts: false positives", table_html(wide["healthy"])),
       ("curves", "Curves", block("curves")),
   ]
-  significant = (tests["p_holm"] < SIGNIFICANCE).to_numpy() if len(tests) else None
+  tested = (tests["test"] != "").to_numpy() if len(tests) else np.zeros(0, bool)
+  significant = (tests["p_holm"] < SIGNIFICANCE).to_numpy()[tested] if len(tests) else None
   bias = ["<h3>Tests across strata</h3><p class='note'>Highlighted: Holm-adjusted p &lt; "
-          f"{SIGNIFICANCE}.</p>", table_html(tests_text, significant)]
+          f"{SIGNIFICANCE}.</p>", table_html(tests_text[tested], significant),
+          f"<details><summary>Not tested ({int((~tested).sum())}: too few subjects per "
+          "stratum or a constant factor)</summary>"
+          f"{table_html(tests_text[~tested])}</details>"]
   for run, modality in dict.fromkeys((c.run, c.modality) for c in cohorts):
     bias.append(f"<h3>{html.escape(run)} {html.escape(modality)}</h3>")
     bias.append(block("bias", run=run, modality=modality))
