@@ -1,7 +1,8 @@
 """ANDi (Aggregated Normative Diffusion). Default: the paper's settings (methods/andi.md §2.1).
 
 Presets: `configs/andi.py` (paper, 224², 50k steps of 128 slices, scoring steps 125→25),
-`configs/andi.py:demo` (bundled demo cohort, small U-Net, minutes on a 2-core CPU).
+`configs/andi.py:demo` (bundled demo cohort, small U-Net, minutes on a 2-core CPU),
+`configs/andi.py:tiny` (16² toy network for tests and smoke runs; data paths must be given).
 """
 
 import ml_collections
@@ -78,6 +79,25 @@ def get_config(preset=None):
     s.stride = 4
     config.eval.split_size = 40
     common.use_demo_cohort(config)
+  elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)
+    config.data.image_size = 16
+    config.data.batch_size = 4
+    m.nf = 8
+    m.ch_mult = (1, 2)
+    m.num_res_blocks = (1, 1)
+    m.attn_resolutions = (8,)
+    m.attn_emb_dim = 8
+    m.dropout_at = 8
+    config.training.n_iters = 4
+    config.training.snapshot_freq = 2
+    config.training.log_freq = 1
+    config.training.preview_images = 1
+    s.preview_steps = 2
+    s.start = 125
+    s.stop = 121
+    s.stride = 2
+    config.eval.split_size = 4
   elif preset not in (None, "", "paper"):
-    raise ValueError(f"unknown preset {preset!r} for configs/andi.py; use 'demo' or 'paper'")
+    raise ValueError(f"unknown preset {preset!r} for configs/andi.py; use 'demo', 'tiny' or "
+                     "'paper'")
   return config

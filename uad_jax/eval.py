@@ -8,6 +8,8 @@ one step folder. `--calibrate` scores the validation cohorts and stores the thre
 checkpoint; plain evaluation scores every cohort of `config.eval.cohorts` with them.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,7 +31,8 @@ flags.mark_flags_as_required(["config", "ckpt"])
 def main(argv):
   del argv
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)   # orbax and jax are chatty at INFO
+  std_logging.getLogger("uad_jax").setLevel(std_logging.INFO)
   if _CALIBRATE.value:
     evaluate.calibrate(_CONFIG.value, _CKPT.value, _STEP.value)
   else:

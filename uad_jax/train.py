@@ -5,6 +5,8 @@ error. Re-running with the same `--workdir` resumes from its newest checkpoint. 
 runs: see `launch/`.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,7 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)   # orbax and jax are chatty at INFO
+  std_logging.getLogger("uad_jax").setLevel(std_logging.INFO)
   trainer.train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -14,6 +14,8 @@ import orbax.checkpoint as ocp
 
 from uad_jax.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -61,7 +63,7 @@ class CheckpointStore:
       except Exception as e:  # pylint: disable=broad-except  # any unreadable file
         if step is not None:
           raise
-        logging.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+        log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
                         self.step_dir(s), type(e).__name__, e)
         errors.append(f"{s}: {e}")
         continue

@@ -31,6 +31,8 @@ from uad_jax.engine.trainer import image_shape
 from uad_jax.errors import ConfigError
 from uad_jax.utils.atomic import atomic_path, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 EXAMPLES_DIR = "examples"
 
 
@@ -143,12 +145,12 @@ def calibrate(config, ckpt, step: int | None = None) -> Path:
         (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step), [])
     ev = evaluation.Evaluator("lesion", thresholds, kernel_size=config.eval.kernel_size,
                               info=dict(run.info, cohort="val_lesion"))
-    logging.info("calibration: lesion validation %s", csv)
+    log.info("calibration: lesion validation %s", csv)
     run.score_cohort(csv, lesion=True, consume=ev.add)
     lesion_result = ev.result()
   csv = required_path(config, "eval.val_healthy_csv")
   calibrator = evaluation.Calibrator()
-  logging.info("calibration: healthy validation %s", csv)
+  log.info("calibration: healthy validation %s", csv)
   run.score_cohort(csv, lesion=False, consume=calibrator.add)
   if jax.process_index() != 0:
     return run.step_dir / evaluation.calibration.ARTIFACT_NAME
@@ -185,7 +187,7 @@ def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
     mode = "lesion" if cohort.lesion else "healthy"
     info = dict(run.info, cohort=name, csv=str(csv), mode=mode)
     ev = evaluation.Evaluator(mode, thresholds, kernel_size=config.eval.kernel_size, info=info)
-    logging.info("evaluating %s (%s mode): %s", name, mode, csv)
+    log.info("evaluating %s (%s mode): %s", name, mode, csv)
     with _output_dir(out_dir / name) as tmp:
       run.score_cohort(csv, lesion=cohort.lesion, consume=ev.add,
                        examples_dir=tmp / EXAMPLES_DIR if tmp and config.eval.save_examples

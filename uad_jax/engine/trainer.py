@@ -21,6 +21,8 @@ from uad_jax.engine import checkpoints, data_state, sharding, summary
 from uad_jax.engine.config import required_path
 from uad_jax.utils.atomic import atomic_write_text
 
+log = logging.getLogger(__name__)
+
 
 def image_shape(config) -> tuple[int, int, int]:
   """(H, W, C) of one model input slice."""
@@ -66,7 +68,7 @@ def train(config, workdir) -> None:
   if store.steps():
     start_step, state, saved_data, _ = store.restore(state)
     train_iter.set_state(data_state.local(saved_data))
-    logging.info("resumed %s from step %d", workdir, start_step)
+    log.info("resumed %s from step %d", workdir, start_step)
   state = sharding.replicate(state, mesh)
 
   train_step = jax.jit(
@@ -81,8 +83,20 @@ def train(config, workdir) -> None:
                      static_argnames=("num_images",), out_shardings=sharding.replicated(mesh))
 
   writer = summary.SummaryWriter(workdir / "tensorboard" / "train")
-  if start_step == 0:
-    writer.config(config)
+  try:
+    if start_step == 0:
+      writer.config(config)
+    _loop(config, state, start_step, train_iter, train_step, sample, store, writer, mesh, block,
+          train_rng, preview_rng)
+  finally:
+    writer.close()
+    store.close()
+    train_iter.close()
+
+
+def _loop(config, state, start_step, train_iter, train_step, sample, store, writer, mesh, block,
+          train_rng, preview_rng):
+  """Steps start_step+1 .. n_iters with logging, checkpoints and previews."""
   n_iters = config.training.n_iters
   bar = tqdm(total=n_iters, initial=start_step, desc=f"train {config.method}",
              disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -117,7 +131,3 @@ def train(config, workdir) -> None:
       if not window:
         window_start = time.perf_counter()   # keep checkpoint/preview time out of slices/s
   bar.close()
-  writer.close()
-  store.close()
-  if hasattr(train_iter, "close"):
-    train_iter.close()

@@ -30,42 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from uad_jax.convert.torchvision import torchvision_to_flax
+from uad_jax.convert.weight_files import read_state_dict
 from uad_jax.errors import DataError, UadError
 from uad_jax.networks.backbones import (BACKBONES, REFERENCE_NAMES, Backbone,
                                         check_torchvision_hash, get_backbone,
                                         save_backbone_weights, sha256_of)
-
-NPZ_META = ("__source_file__", "__source_sha256__")
-TORCH_HINT = ("pip install torch==2.13.0 (CPU), or convert to .safetensors/.npz elsewhere "
-              "(see `python -m uad_jax.tools.import_weights --help`)")
-
-
-def read_state_dict(path: Path) -> tuple[dict, dict]:
-  """(state_dict {key: numpy array}, source metadata {source_file, source_sha256} or {})."""
-  suffix = path.suffix.lower()
-  if suffix in (".pth", ".pt"):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise DataError(f"{path}: reading a .pth needs PyTorch, which is not installed: "
-                      f"{TORCH_HINT}") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-      raise DataError(f"{path}: expected a state_dict (name -> tensor), got {type(obj).__name__}")
-    return {k: v.detach().cpu().numpy() for k, v in obj.items()}, {}
-  if suffix == ".safetensors":
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    with safe_open(str(path), framework="np") as f:
-      meta = f.metadata() or {}
-      state = {k: f.get_tensor(k) for k in f.keys()}
-    return state, {k: meta[k] for k in ("source_file", "source_sha256") if k in meta}
-  if suffix == ".npz":
-    with np.load(path, allow_pickle=False) as z:
-      state = {k: z[k] for k in z.files if k not in NPZ_META}
-      meta = {k.strip("_"): str(z[k]) for k in NPZ_META if k in z.files}
-    return state, meta
-  raise DataError(f"{path}: unsupported weight file type {suffix!r} (.pth, .safetensors, .npz)")
-
 
 def import_weights(src, out, arch: "str | Backbone", *, until: str | None = None,
                    force: bool = False, prefix: str = "") -> dict:
