@@ -42,12 +42,14 @@ class CheckpointStore:
     self._manager.wait_until_finished()
 
   def restore(self, target_state, step: int | None = None):
-    """Restores `(step, state, data_state, meta)`; `target_state` gives structure and shardings.
+    """Restores `(step, state, data_state, meta)`; `target_state` gives structure and shardings
+    (None: as saved, for states whose shapes depend on the data, e.g. a memory bank).
 
     Without `step`, the newest readable checkpoint is used: a corrupt latest checkpoint is
     skipped with a warning and the previous one restored.
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    abstract = (None if target_state is None
+                else jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state))
     candidates = [step] if step is not None else list(reversed(self.steps()))
     if not candidates:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -58,7 +60,8 @@ class CheckpointStore:
                           f"available: {self.steps()}")
       try:
         restored = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+            state=ocp.args.StandardRestore(abstract) if abstract is not None
+            else ocp.args.StandardRestore(), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  # any unreadable file
         if step is not None:

@@ -54,13 +54,19 @@ def restore_scoring_params(config, method, ckpt, step, mesh):
   """(params used for scoring, step, step directory, restored meta) of a checkpoint."""
   root, step = resolve_checkpoint(ckpt, step)
   store = checkpoints.CheckpointStore(root, read_only=True)
-  repl = sharding.replicated(mesh)
-  target = jax.eval_shape(functools.partial(method.init_state, config, jax.random.key(0),
-                                            image_shape(config)))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), target)
+  target = None
+  if methods.kind(method) == "gradient":
+    repl = sharding.replicated(mesh)
+    target = jax.eval_shape(functools.partial(method.init_state, config, jax.random.key(0),
+                                              image_shape(config)))
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          target)
   step, state, _, meta = store.restore(target, step)
   store.close()
-  params = method.scoring_params(state) if hasattr(method, "scoring_params") else state.ema_params
+  if hasattr(method, "scoring_params"):
+    params = method.scoring_params(state)
+  else:
+    params = state.ema_params if target is not None else state
   return params, step, root / str(step), meta
 
 

@@ -24,12 +24,13 @@ class VolumeScorer:
 
   def __init__(self, config, method, params, mesh, rng):
     self.mesh = mesh
-    self.params = sharding.replicate(params, mesh)
+    place = getattr(method, "place_params", None)
+    self.params = place(params, mesh) if place else sharding.replicate(params, mesh)
     self.rng = rng
     self.size = chunk_size(config.eval.split_size, mesh.size)
     self._score = jax.jit(functools.partial(method.score_slices, config),
-                          in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
-                                        sharding.replicated(mesh)),
+                          in_shardings=(jax.tree.map(lambda a: a.sharding, self.params),
+                                        sharding.batch_sharded(mesh), sharding.replicated(mesh)),
                           out_shardings=sharding.replicated(mesh))
 
   def __call__(self, volume: np.ndarray, key_index: int) -> np.ndarray:

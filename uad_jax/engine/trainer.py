@@ -24,6 +24,9 @@ from uad_jax.utils.atomic import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+FIT_STEP = 0   # the checkpoint step of a fitted method's state
+
+
 def image_shape(config) -> tuple[int, int, int]:
   """(H, W, C) of one model input slice."""
   return (config.data.image_size, config.data.image_size, 1)
@@ -52,6 +55,9 @@ def train(config, workdir) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   method = methods.get_method(config.method)
   mesh = sharding.make_mesh()
+  if methods.kind(method) == "fit":
+    fit(config, workdir, method, mesh)
+    return
   block = sharding.must_block_every_step(config.training.block_every_step)
   write_run_config(workdir, config)
 
@@ -92,6 +98,25 @@ def train(config, workdir) -> None:
     writer.close()
     store.close()
     train_iter.close()
+
+
+def fit(config, workdir: Path, method, mesh) -> None:
+  """A fitted method (no gradient steps): `method.fit` builds its scoring state from the
+  training slices; stored as checkpoint step 0. A workdir that has it is left as it is."""
+  write_run_config(workdir, config)
+  store = checkpoints.CheckpointStore(checkpoint_dir(workdir), config.training.max_to_keep)
+  writer = summary.SummaryWriter(workdir / "tensorboard" / "train")
+  try:
+    if store.steps():
+      log.info("%s is already fitted (checkpoint %s)", workdir, store.step_dir(store.steps()[-1]))
+      return
+    writer.config(config)
+    state, meta = method.fit(config, required_path(config, "data.train_lmdb", kind="dir"), mesh,
+                             jax.random.key(config.seed), writer, workdir)
+    store.save(FIT_STEP, state, {}, dict(meta, step=FIT_STEP, method=config.method))
+  finally:
+    writer.close()
+    store.close()
 
 
 def _loop(config, state, start_step, train_iter, train_step, sample, store, writer, mesh, block,
