@@ -5,7 +5,7 @@ import pytest
 import scipy.ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from uad_jax.evaluation import lesions, metrics
+from uad_jax.evaluation import histogram, lesions, metrics
 from uad_jax.evaluation.histogram import SortedScores, ValueHistogram
 from uad_jax.evaluation.postprocess import median_filter_3d
 from uad_jax.evaluation.thresholds import ThresholdSet, float32_cutoffs, sweep_grid
@@ -154,23 +154,32 @@ def test_median_filter_rejects_nan_and_bad_shapes():
     median_filter_3d(np.zeros((4, 4)), 4)
 
 
-def test_value_histogram_merges_exactly():
+def test_value_histogram_merges_and_counts_exactly(monkeypatch):
+  monkeypatch.setattr(histogram, "_CHUNK", 7)   # many chunks in the prefix sums
   rng = np.random.default_rng(6)
-  hist = ValueHistogram(2)
-  all_values, all_labels = [], []
+  hist = ValueHistogram()
+  parts = []
   for _ in range(13):
-    n = int(rng.integers(1, 400))
-    v = _tied_scores(rng, n, levels=20)
-    lab = rng.random(n) < 0.3
-    hist.add([SortedScores.from_values(v[~lab]), SortedScores.from_values(v[lab])])
-    all_values.append(v)
-    all_labels.append(lab)
-  v, lab = np.concatenate(all_values), np.concatenate(all_labels)
+    v = _tied_scores(rng, int(rng.integers(1, 400)), levels=20)
+    hist.add(SortedScores.from_values(v))
+    parts.append(v)
+  v = np.concatenate(parts)
+  queries = np.sort(np.r_[_tied_scores(rng, 50, levels=20), -np.inf, 0, 9]).astype(np.float32)
+  at_least, equal = hist.count_from(queries)         # over the unmerged runs
+  np.testing.assert_array_equal(at_least, [(v >= q).sum() for q in queries])
+  np.testing.assert_array_equal(equal, [(v == q).sum() for q in queries])
   values, counts = hist.table()
-  u, inv = np.unique(v, return_inverse=True)
+  u, n = np.unique(v, return_counts=True)
   np.testing.assert_array_equal(values, u)
-  np.testing.assert_array_equal(counts[:, 0], np.bincount(inv[~lab], minlength=u.size))
-  np.testing.assert_array_equal(counts[:, 1], np.bincount(inv[lab], minlength=u.size))
+  np.testing.assert_array_equal(counts, n)
+
+
+def test_value_histogram_counts_switch_to_int64_before_overflowing():
+  values, counts = histogram._merge_runs(np.float32([0.5, 2]), np.uint32([2**32 - 10, 1]),
+                                         np.float32([0.5, 1]), np.uint32([2**32 - 10, 3]))
+  np.testing.assert_array_equal(values, [0.5, 1, 2])
+  np.testing.assert_array_equal(counts, [2**33 - 20, 3, 1])
+  assert counts.dtype == np.int64
 
 
 @pytest.mark.parametrize("n", [1, 2, 999, 1000, 1001, 5000])
@@ -187,12 +196,11 @@ def test_best_pooled_dice_is_the_best_over_all_thresholds():
   rng = np.random.default_rng(7)
   v = _tied_scores(rng, 3000, levels=30)
   lab = rng.random(3000) < 0.05 + 0.4 * (v > 0.45)
-  u, inv = np.unique(v, return_inverse=True)
-  neg, pos = np.bincount(inv[~lab], minlength=u.size), np.bincount(inv[lab], minlength=u.size)
-  dice, thr = metrics.best_pooled_dice_from_counts(u, neg, pos)
-  brute = [2 * ((v > t) & lab).sum() / ((v > t).sum() + lab.sum()) for t in np.r_[-np.inf, u]]
+  dice, lowest = metrics.best_pooled_dice_from_histograms(*metrics.class_histograms(v, lab))
+  brute = [2 * ((v > t) & lab).sum() / ((v > t).sum() + lab.sum())
+           for t in np.r_[-np.inf, np.unique(v)]]
   assert dice == pytest.approx(max(brute), abs=1e-15)
-  assert 2 * ((v > thr) & lab).sum() / ((v > thr).sum() + lab.sum()) == pytest.approx(dice)
+  assert 2 * ((v >= lowest) & lab).sum() / ((v >= lowest).sum() + lab.sum()) == dice
 
 
 def test_lesion_hits_and_false_positive_components():

@@ -37,7 +37,7 @@ class Calibrator:
   """Streaming `calc_thr`: pooled scores of healthy validation brain voxels (brain & ~lesion)."""
 
   def __init__(self):
-    self._histogram = ValueHistogram(1)
+    self._histogram = ValueHistogram()
     self.n_subjects = 0
 
   def add(self, scores, labels=None, brain=None, meta: dict | None = None) -> None:
@@ -59,7 +59,7 @@ class Calibrator:
     values = scores[selected]
     if not np.isfinite(values).all():
       raise EvaluationError(f"{name}: the anomaly map has NaN or infinite brain voxels")
-    self._histogram.add([SortedScores.from_values(values)])
+    self._histogram.add(SortedScores.from_values(values))
     self.n_subjects += 1
 
   @property
@@ -72,7 +72,7 @@ class Calibrator:
     if counts.sum() == 0:
       raise EvaluationError("calibration: no brain voxel in the healthy validation set "
                             f"({self.n_subjects} subjects added)")
-    return values, counts[:, 0]
+    return values, counts
 
   def thresholds(self, fprs, drop_intermediate: bool = True) -> np.ndarray:
     """(F,) float32 thresholds for target FPRs (the reference's printed values by default)."""

@@ -162,12 +162,21 @@ class Evaluator:
     self.info = dict(info or {})
     self._cutoffs = thresholds.cutoffs
     self._fpr_cutoffs = self._cutoffs[len(thresholds.sweep_keys):]
-    self._histograms = {p: ValueHistogram(2) for p in POSTPROCS} if mode == "lesion" else None
+    # Lesion mode: per postproc the exact histograms of negative and positive voxel scores.
+    self._histograms = ({p: (ValueHistogram(), ValueHistogram()) for p in POSTPROCS}
+                        if mode == "lesion" else None)
     self._subjects: list[_Subject] = []
     self._paths: set[str] = set()
 
   def __len__(self) -> int:
     return len(self._subjects)
+
+  @property
+  def histogram_nbytes(self) -> int:
+    """Memory held by the cohort histograms (lesion mode; grows with distinct scores)."""
+    if self._histograms is None:
+      return 0
+    return sum(h.nbytes for pair in self._histograms.values() for h in pair)
 
   def add(self, scores, labels=None, brain=None, meta: dict | None = None) -> dict:
     """Evaluates one subject.
@@ -213,7 +222,8 @@ class Evaluator:
           m, labels, brain, subject, lesion)
     if self._histograms is not None:
       for postproc, parts in histogram_parts.items():
-        self._histograms[postproc].add(parts)
+        for histogram, part in zip(self._histograms[postproc], parts):
+          histogram.add(part)
     self._subjects.append(subject)
     self._paths.add(path)
     return self._subject_row(subject)
@@ -364,12 +374,11 @@ class Evaluator:
           f"AUPRC undefined: every voxel of every {p} map has the value {lo} (constant maps); "
           "the reference's min-max normalisation divides by zero and scikit-learn raises "
           "'Input contains NaN'. Check the method's scoring.")
-    values, counts = self._histograms[p].table()
-    neg, pos = counts[:, 0], counts[:, 1]
-    dice, threshold = metrics.best_pooled_dice_from_counts(values, neg, pos)
-    return (metrics.average_precision_from_counts(neg, pos),
-            metrics.roc_auc_from_counts(neg, pos),
-            {"threshold": threshold, "value": dice})
+    neg, pos = self._histograms[p]
+    dice, lowest = metrics.best_pooled_dice_from_histograms(neg, pos)
+    return (metrics.average_precision_from_histograms(neg, pos),
+            metrics.roc_auc_from_histograms(neg, pos),
+            {"value": dice, "min_score": lowest})
 
   def write(self, out_dir, prefix: str) -> dict:
     """Writes every output file (see `outputs.write_outputs`); returns {name: path}."""

@@ -65,39 +65,30 @@ def distinct_sorted(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ValueHistogram:
-  """Exact counts per distinct score value and per class, merged over many volumes.
+  """Exact count of every distinct nonzero score, merged over many volumes, plus the zeros.
 
-  Classes are columns (e.g. 0 = negative, 1 = positive voxel). Exact zeros are counted apart
-  (`zeros`), so the distinct-value table holds only nonzero scores (the brain, not the
-  background). Memory: 4 + 8·C bytes per distinct value; volumes are added as sorted runs and
-  merged like a log-structured merge tree (a run is merged when it is at least half as long as
-  the run before it), so adding V volumes costs O(total · log V).
+  Exact zeros (the background, most of a volume) are one count (`zeros`), so the table holds
+  only brain scores. Memory: 8 bytes per distinct value (float32 value, uint32 count; counts
+  switch to int64 if one would overflow). Volumes are added as sorted runs and merged like a
+  log-structured merge tree (a run is merged into the one before it once it is at least half as
+  long), each merge linear in the runs' length, so adding V volumes costs O(total · log V) and
+  at most about twice the final table is held.
   """
 
-  def __init__(self, num_classes: int, dtype=np.float32):
-    self.num_classes = num_classes
+  def __init__(self, dtype=np.float32):
     self.dtype = np.dtype(dtype)
-    self.zeros = np.zeros(num_classes, np.int64)
+    self.zeros = 0
     self._runs: list[tuple[np.ndarray, np.ndarray]] = []
 
-  def add(self, scores: list[SortedScores]) -> None:
-    """Adds one volume: `scores[c]` holds the class-c voxels of that volume."""
-    if len(scores) != self.num_classes:
-      raise ValueError(f"expected {self.num_classes} classes, got {len(scores)}")
-    parts = [s.distinct() for s in scores]
-    values = np.concatenate([v for v, _ in parts]).astype(self.dtype, copy=False)
-    counts = np.zeros((values.size, self.num_classes), np.int64)
-    start = 0
-    for c, (v, n) in enumerate(parts):
-      counts[start:start + v.size, c] = n
-      start += v.size
-    for c, s in enumerate(scores):
-      self.zeros[c] += s.zeros
+  def add(self, scores: SortedScores) -> None:
+    """Adds the scores of one volume (or of one voxel class of it)."""
+    values, counts = scores.distinct()
+    self.zeros += scores.zeros
     if values.size:
-      self._runs.append(_merge_duplicates(values, counts))
+      self._runs.append((values.astype(self.dtype, copy=False), counts.astype(np.uint32)))
     while len(self._runs) > 1 and 2 * self._runs[-1][0].size >= self._runs[-2][0].size:
-      (v1, c1), (v2, c2) = self._runs[-2], self._runs.pop()
-      self._runs[-1] = _merge_duplicates(np.concatenate([v1, v2]), np.concatenate([c1, c2]))
+      later = self._runs.pop()
+      self._runs[-1] = _merge_runs(*self._runs[-1], *later)
 
   @property
   def num_distinct(self) -> int:
@@ -107,25 +98,72 @@ class ValueHistogram:
   def nbytes(self) -> int:
     return sum(v.nbytes + c.nbytes for v, c in self._runs)
 
+  def count_from(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(#values >= q, #values == q) for ascending queries q, zeros included (int64).
+
+    Queries every run, with chunked prefix sums: no temporary as large as the table (used
+    for the negatives of a whole test set, with the few positive scores as queries).
+    """
+    queries = np.asarray(queries, self.dtype)
+    at_least = np.zeros(queries.size, np.int64)
+    equal = np.zeros(queries.size, np.int64)
+    for values, counts in self._runs:
+      lo = _counts_before(counts, np.searchsorted(values, queries, side="left"))
+      hi = _counts_before(counts, np.searchsorted(values, queries, side="right"))
+      at_least += int(counts.sum(dtype=np.int64)) - lo
+      equal += hi - lo
+    at_least += self.zeros * (queries <= 0)
+    equal += self.zeros * (queries == 0)
+    return at_least, equal
+
   def table(self) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values ascending (zero included if counted) and counts (V, C) int64."""
-    runs = self._runs
-    if len(runs) > 1:
-      runs = [_merge_duplicates(np.concatenate([v for v, _ in runs]),
-                                np.concatenate([c for _, c in runs]))]
-      self._runs = runs
-    values, counts = runs[0] if runs else (np.zeros(0, self.dtype),
-                                            np.zeros((0, self.num_classes), np.int64))
-    if self.zeros.any():
+    """Distinct values ascending (0 included if counted) and their counts (int64)."""
+    while len(self._runs) > 1:
+      later = self._runs.pop()
+      self._runs[-1] = _merge_runs(*self._runs[-1], *later)
+    values, counts = self._runs[0] if self._runs else (np.zeros(0, self.dtype),
+                                                        np.zeros(0, np.int64))
+    counts = counts.astype(np.int64)
+    if self.zeros:
       at = int(np.searchsorted(values, 0))
       values = np.insert(values, at, self.dtype.type(0))
-      counts = np.insert(counts, at, self.zeros, axis=0)
+      counts = np.insert(counts, at, self.zeros)
     return values, counts
 
 
-def _merge_duplicates(values: np.ndarray, counts: np.ndarray):
-  """Sorts (stably: timsort merges presorted runs in linear time) and sums equal values."""
-  order = np.argsort(values, kind="stable")
-  values, counts = values[order], counts[order]
-  starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
-  return values[starts], np.add.reduceat(counts, starts, axis=0)
+_CHUNK = 1 << 20
+
+
+def _counts_before(counts: np.ndarray, index: np.ndarray) -> np.ndarray:
+  """`counts[:i].sum()` for every i of an ascending index array, one chunk at a time."""
+  out = np.zeros(index.size, np.int64)
+  total = 0
+  for start in range(0, counts.size, _CHUNK):
+    partial = np.cumsum(counts[start:start + _CHUNK], dtype=np.int64)
+    a, b = np.searchsorted(index, [start + 1, start + partial.size + 1])
+    out[a:b] = total + partial[index[a:b] - start - 1]
+    total += int(partial[-1])
+  return out
+
+
+def _merge_runs(v1, c1, v2, c2):
+  """Merges two runs of distinct ascending values with counts, without sorting."""
+  at = np.searchsorted(v1, v2)
+  present = at < v1.size
+  present[present] = v1[at[present]] == v2[present]
+  summed = c1[at[present]].astype(np.int64) + c2[present]
+  dtype = np.promote_types(c1.dtype, c2.dtype)
+  if summed.size and summed.max() > np.iinfo(dtype).max:
+    dtype = np.dtype(np.int64)
+  c1 = c1.astype(dtype)                              # a copy: runs are never changed in place
+  c1[at[present]] = summed
+  new = ~present
+  v2, c2 = v2[new], c2[new]
+  slots = at[new] + np.arange(v2.size)               # insertion points in the merged run
+  from_v2 = np.zeros(v1.size + v2.size, bool)
+  from_v2[slots] = True
+  values = np.empty(from_v2.size, v1.dtype)
+  counts = np.empty(from_v2.size, c1.dtype)
+  values[slots], counts[slots] = v2, c2
+  values[~from_v2], counts[~from_v2] = v1, c1
+  return values, counts

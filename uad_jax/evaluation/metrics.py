@@ -9,7 +9,7 @@ scikit-learn computation on the pooled arrays (Dice and FPR exactly, AP/AUROC to
 import numpy as np
 
 from uad_jax.errors import EvaluationError
-from uad_jax.evaluation.histogram import SortedScores, distinct_sorted
+from uad_jax.evaluation.histogram import SortedScores, ValueHistogram, distinct_sorted
 from uad_jax.evaluation.thresholds import float32_cutoffs
 
 
@@ -87,31 +87,36 @@ def dice_per_threshold(scores, labels, thresholds) -> np.ndarray:
   return dice(tp, tp + neg.count_above(cutoffs), pos.size)
 
 
-def _class_counts(scores, labels):
-  """Distinct scores ascending with (negative, positive) counts per value."""
+def class_histograms(scores, labels) -> tuple[ValueHistogram, ValueHistogram]:
+  """Exact histograms of the negative and of the positive voxels' scores (any shape)."""
   scores = check_scores(np.ravel(scores))
   labels = check_mask(np.ravel(labels), scores.shape)
-  values, inverse = np.unique(scores, return_inverse=True)
-  neg = np.bincount(inverse[~labels], minlength=values.size).astype(np.int64)
-  pos = np.bincount(inverse[labels], minlength=values.size).astype(np.int64)
-  return values, neg, pos
+  neg, pos = ValueHistogram(scores.dtype), ValueHistogram(scores.dtype)
+  neg.add(SortedScores.from_values(scores[~labels]))
+  pos.add(SortedScores.from_values(scores[labels]))
+  return neg, pos
 
 
-def average_precision_from_counts(neg, pos) -> float:
-  """scikit-learn's `average_precision_score` from counts per distinct score (ascending).
+def _ranked_positives(neg: ValueHistogram, pos: ValueHistogram):
+  """Distinct positive scores descending with, per score s: positives >= s (cumulative),
+  positives == s, negatives >= s and negatives == s (int64)."""
+  values, counts = pos.table()
+  at_least, equal = neg.count_from(values)
+  return (values[::-1], np.cumsum(counts[::-1]), counts[::-1], at_least[::-1], equal[::-1])
 
-  Same arithmetic as scikit-learn (float64 cumulative counts, step integral over decreasing
-  thresholds), so equal to it up to the summation order of identical terms. No positive ->
-  0.0, as scikit-learn (which warns) returns.
+
+def average_precision_from_histograms(neg: ValueHistogram, pos: ValueHistogram) -> float:
+  """scikit-learn's `average_precision_score` from the class histograms (ties included).
+
+  AP = Σ_j (R_j − R_{j−1}) · P_j over distinct thresholds; recall only changes at positive
+  scores, so only those are visited, with the negatives at or above each one counted from the
+  negatives' histogram. No positive -> 0.0, as scikit-learn (which warns) returns.
   """
-  tps = np.cumsum(np.asarray(pos)[::-1]).astype(np.float64)
-  fps = np.cumsum(np.asarray(neg)[::-1]).astype(np.float64)
-  ps = tps + fps
-  precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
-  recall = np.ones_like(tps) if tps[-1] == 0 else tps / tps[-1]
-  precision = np.concatenate([precision[::-1], [1.0]])
-  recall = np.concatenate([recall[::-1], [0.0]])
-  return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+  _, tp, _, fp, _ = _ranked_positives(neg, pos)
+  if tp.size == 0:
+    return 0.0
+  recall = np.r_[0.0, tp / tp[-1]]
+  return float(max(0.0, np.sum(np.diff(recall) * (tp / (tp + fp)))))
 
 
 def average_precision(scores, labels) -> float:
@@ -121,51 +126,45 @@ def average_precision(scores, labels) -> float:
   The reference min-max normalises the pooled maps first; AP is rank-based, so raw scores give
   the same number (spec §5.4). Constant scores are an error (the reference raises there).
   """
-  values, neg, pos = _class_counts(scores, labels)
-  if values.size < 2:
+  scores = check_scores(scores)
+  if scores.size and scores.min() == scores.max():
     raise EvaluationError("AUPRC: every score has the same value; the reference's min-max "
                           "normalisation divides by zero and scikit-learn rejects the NaN")
-  return average_precision_from_counts(neg, pos)
+  return average_precision_from_histograms(*class_histograms(scores, labels))
 
 
-def roc_auc_from_counts(neg, pos) -> float:
-  """Area under the ROC curve from counts per distinct score (ties count half, as the
-  trapezoid of `sklearn.metrics.roc_auc_score`). NaN without positives or negatives."""
-  tps = np.cumsum(np.asarray(pos)[::-1]).astype(np.float64)
-  fps = np.cumsum(np.asarray(neg)[::-1]).astype(np.float64)
-  if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
+def roc_auc_from_histograms(neg: ValueHistogram, pos: ValueHistogram) -> float:
+  """Area under the ROC curve (ties count half, = `sklearn.metrics.roc_auc_score`), computed
+  as the Mann-Whitney statistic. NaN without positives or negatives."""
+  _, _, at, at_least, equal = _ranked_positives(neg, pos)
+  n_pos = at.sum()
+  n_neg = neg.count_from(np.array([-np.inf]))[0][0]
+  if not n_pos or not n_neg:
     return float("nan")
-  tpr = np.r_[0.0, tps / tps[-1]]
-  fpr = np.r_[0.0, fps / fps[-1]]
-  return float(np.trapezoid(tpr, fpr))
+  wins = np.sum(at.astype(np.float64) * ((n_neg - at_least) + 0.5 * equal))
+  return float(wins / (float(n_pos) * float(n_neg)))
 
 
 def auroc(scores, labels) -> float:
   """ROC AUC of scores (any shape) against bool labels; NaN if one class is absent."""
-  _, neg, pos = _class_counts(scores, labels)
-  return roc_auc_from_counts(neg, pos)
+  return roc_auc_from_histograms(*class_histograms(scores, labels))
 
 
-def best_pooled_dice_from_counts(values, neg, pos) -> tuple[float, float]:
-  """Dataset-level best Dice over every possible threshold (pooled voxels, `pred = x > t`).
+def best_pooled_dice_from_histograms(neg: ValueHistogram,
+                                     pos: ValueHistogram) -> tuple[float, float]:
+  """Dataset-level best Dice over every possible threshold (pooled voxels).
 
-  values: distinct scores ascending; neg/pos: counts per value. Returns (dice, t) where t is
-  the distinct value to threshold at (`-inf`: predict everything). The search over all
-  distinct values is the '⌈Dice⌉' of Baur et al. (2021); the reference only sweeps a grid.
+  The best binarisation is always `score >= s` for a positive score s (any other threshold
+  adds negatives or drops positives), so only those are visited. Returns (dice, s): the
+  predicted voxels are those with score >= s. This is the '⌈Dice⌉' of Baur et al. (2021); the
+  reference only sweeps a grid (best_mean_dice). (nan, nan) without positives.
   """
-  pos = np.asarray(pos, np.int64)
-  lesion = pos.sum()
-  if lesion == 0:
+  values, tp, _, fp, _ = _ranked_positives(neg, pos)
+  if tp.size == 0:
     return float("nan"), float("nan")
-  # Predicting `x > values[j]` keeps the counts of values above j: suffix sums.
-  tp = np.r_[np.cumsum(pos[::-1])[::-1][1:], 0]
-  pred = tp + np.r_[np.cumsum(np.asarray(neg, np.int64)[::-1])[::-1][1:], 0]
-  scores = 2 * tp / (pred + lesion).astype(np.float64)
-  everything = 2 * lesion / (pos.sum() + np.sum(neg) + lesion)
-  j = int(np.argmax(scores))
-  if everything > scores[j]:
-    return float(everything), float("-inf")
-  return float(scores[j]), float(values[j])
+  dice_j = 2 * tp / (tp + fp + tp[-1]).astype(np.float64)
+  j = int(np.argmax(dice_j))
+  return float(dice_j[j]), float(values[j])
 
 
 def roc_curve_all_negative(values, counts, drop_intermediate: bool = True):

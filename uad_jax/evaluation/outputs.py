@@ -13,8 +13,8 @@ In the output directory:
   (`lesions`, `hit` and `hit_rate` per key, `fp_components` and `fp_components_per_volume`
   per FPR key), `subject_score` (definition, median); lesion mode also `dice_mean`,
   `dice_nanmean`, `dice_nan_subjects` (per key), `auprc`, `auroc`, `best_mean_dice` (`key`,
-  `threshold`, `value`: best sweep key of the mean Dice), `best_pooled_dice` (`threshold`,
-  `value`: best pooled Dice over every distinct score). NaN/undefined values are `null`.
+  `threshold`, `value`: best sweep key of the mean Dice), `best_pooled_dice` (`value`,
+  `min_score`: best pooled Dice over every threshold, predicting score >= min_score). NaN/undefined values are `null`.
 - `subjects.csv`: tidy, one row per subject × postproc: `subject_path`, metadata columns
   (`subject`, `dataset`, `lesion_type`, `scanner`, `age`, `sex`, `lesion_voxels_uncropped`
   where known, then any other metadata), `postproc`, `voxels`, `lesion_voxels` (cropped
