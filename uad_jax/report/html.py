@@ -15,13 +15,15 @@ import pandas as pd
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
        max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.4; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+h1 { font-size: 1.6em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 h3 { margin-top: 1.5em; }
 table { border-collapse: collapse; font-size: 0.8em; margin: .5em 0 1em; }
 th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; position: sticky; top: 0; }
 tr.significant td { font-weight: 600; background: #fff4d6; }
-figure { margin: 1em 0 2em; } figure img { max-width: min(100%, 1000px); height: auto; border: 1px solid #eee; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: min(100%, 1000px); height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #444; max-width: 60em; }
 .note { font-size: 0.85em; color: #555; max-width: 60em; }
 .broken { color: #b00; font-weight: bold; }

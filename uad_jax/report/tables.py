@@ -265,12 +265,15 @@ def ordered_levels(column: str, values: pd.Series) -> list[str]:
 # ----------------------------------------------------------------------------- formatting
 
 def format_number(value, digits: int = 3) -> str:
-  """`digits` decimals, or `digits` significant digits below 0.1 (FPRs such as 0.00267)."""
+  """`digits` decimals; `digits` significant digits below 0.1 (FPRs such as 0.00267), one
+  decimal from 10 on."""
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return "n/a"
   value = float(value)
   if value != 0 and abs(value) < 0.1:
     return f"{value:.{digits}g}"
+  if abs(value) >= 10:   # counts such as false-positive components per volume
+    return f"{value:.1f}"
   return f"{value:.{digits}f}"
 
 
