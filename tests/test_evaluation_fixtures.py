@@ -161,7 +161,22 @@ RUNNERS = {
 }
 
 
+class _ReadTracking(dict):
+  """The fixture's outputs, remembering which were read (every one must be compared)."""
+
+  def __init__(self, outputs):
+    super().__init__(outputs)
+    self.read = set()
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
+
+
 @pytest.mark.parametrize("fx", FIXTURES, ids=lambda f: f.name)
 def test_reference_fixture(fx, tmp_path):
   assert fx.kind in RUNNERS, f"{fx.name}: unknown fixture kind {fx.kind!r}"
+  fx.outputs = _ReadTracking(fx.outputs)
   RUNNERS[fx.kind](fx, tmp_path)
+  assert not set(fx.outputs) - fx.outputs.read, \
+      f"{fx.name}: outputs never compared: {sorted(set(fx.outputs) - fx.outputs.read)}"

@@ -62,7 +62,7 @@ class _Subject:
   maps: dict               # postproc -> _MapSummary
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class EvaluationResult:
   """Everything an evaluation produced (see `outputs` for the files written from it).
 

@@ -55,7 +55,7 @@ def fpr_key(fpr) -> str:
   return f"FPR-{fpr}"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ThresholdSet:
   """Every threshold of one evaluation, in the reference's CSV row order.
 
