@@ -25,6 +25,7 @@ from uad_jax.data.splits import file_sha256
 from uad_jax.engine import evaluate, trainer
 from uad_jax.engine.config import REPO_ROOT, load_config
 from uad_jax.evaluation.calibration import ARTIFACT_NAME
+from uad_jax.report import write_report
 
 _OUT = flags.DEFINE_string("out", common.DEMO_ROOT, "output folder of the whole demo")
 _METHODS = flags.DEFINE_list("methods", ["andi"], "methods to run (their configs' demo preset)")
@@ -69,9 +70,8 @@ def main(argv):
   print(f"== training slice database in {root / 'lmdb'}")
   ensure_database(splits[f"train_{modality}"], root / "lmdb" / f"train_{modality}")
   workdirs = [run_method(m, root, modality) for m in _METHODS.value]
-  from uad_jax.report import build_report  # pylint: disable=import-outside-toplevel
-  report = build_report(workdirs, root / "report")
-  print(f"\n== report: {report / 'index.html'}")
+  report = write_report(workdirs, root / "report")
+  print(f"\n== report: {report.index}")
 
 
 if __name__ == "__main__":
