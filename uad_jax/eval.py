@@ -22,15 +22,12 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "estimate thresholds on validation cohorts")
 _OUT = flags.DEFINE_string("out", None, "output folder (default: WORKDIR/eval/step_<N>)")
 _COHORTS = flags.DEFINE_list("cohorts", None, "evaluate only these cohorts of the config")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process")
 flags.mark_flags_as_required(["config", "ckpt"])
 
 
 def main(argv):
   del argv
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)   # orbax and jax are chatty at INFO
   std_logging.getLogger("uad_jax").setLevel(std_logging.INFO)
   if _CALIBRATE.value:

@@ -15,15 +15,12 @@ from uad_jax.engine import distributed, trainer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:preset]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, TensorBoard)")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)   # orbax and jax are chatty at INFO
   std_logging.getLogger("uad_jax").setLevel(std_logging.INFO)
   trainer.train(_CONFIG.value, _WORKDIR.value)

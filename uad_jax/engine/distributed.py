@@ -8,6 +8,12 @@ or SLURM (`SLURM_NTASKS > 1`; jax reads the SLURM variables itself). A single pr
 import os
 
 import jax
+from absl import flags
+
+# Shared by the command-line entry points (train, eval).
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -29,3 +35,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                process_id=process_id)
   else:
     jax.distributed.initialize()
+
+
+def initialize_from_flags() -> None:
+  """`initialize` with the `--coordinator/--num_processes/--process_id` flags."""
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
