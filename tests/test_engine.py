@@ -99,6 +99,11 @@ def test_train_calibrate_evaluate_writes_every_output(cohort, trained, tmp_path)
     res = json.loads((d / "results.json").read_text())
     assert res["mode"] == mode and res["n_subjects"] == 2
     assert res["info"]["checkpoint_step"] == 4
+    # The calibration travels with the results (the report's threshold roles).
+    cal = res["info"]["calibration"]
+    assert cal["pairs"] == doc["pairs"] and cal["checkpoint_step"] == 4
+    assert (cal["opt_thr"], cal["opt_thr_key"]) == (doc["opt_thr"], doc["opt_thr_key"])
+    assert cal["validation_csv_sha256"] == doc["validation_csv_sha256"] is not None
     examples = sorted((d / "examples").glob("*.npz"))
     assert len(examples) == 2
     with np.load(examples[0]) as z:

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import (average_precision_score, precision_recall_curve,
+                             roc_auc_score, roc_curve)
 
 from uad_jax.errors import ConfigError, EvaluationError
 from uad_jax.evaluation import (Calibrator, Evaluator, ThresholdSet, load_artifact,
@@ -107,6 +108,48 @@ def test_lesion_mode_equals_in_memory_reference():
     assert best["value"] == np.nanmax(list(rows.values())[:len(res.thresholds.sweep_keys)])
 
 
+def test_per_subject_ap_and_auroc_equal_sklearn():
+  subjects = _cohort(8)
+  res = _run(subjects, "lesion").result()
+  ref, labels, _ = _reference_numbers(subjects, "lesion")
+  for p in ("raw", "mf"):
+    maps = ref[p][1]
+    ap, auc = res.per_subject[p]["ap"], res.per_subject[p]["auroc"]
+    assert ap.shape == auc.shape == (len(subjects),)
+    for i, (m, lab) in enumerate(zip(maps, labels)):
+      if not lab.any():                 # subject 1: empty mask, no ranking metric
+        assert np.isnan(ap[i]) and np.isnan(auc[i])
+        continue
+      # Every voxel of the subject's volume, as the pooled AUPRC.
+      assert ap[i] == pytest.approx(average_precision_score(lab.ravel(), m.ravel()), abs=1e-12)
+      assert auc[i] == pytest.approx(roc_auc_score(lab.ravel(), m.ravel()), abs=1e-12)
+
+
+def test_stored_curves_lie_on_sklearn_curves():
+  subjects = _cohort(9)
+  doc = _run(subjects, "lesion").result().to_json()
+  ref, labels, _ = _reference_numbers(subjects, "lesion")
+  y = labels.ravel()
+  for p in ("raw", "mf"):
+    x = ref[p][1].ravel()
+    c = doc[p]["curves"]
+    precision, recall, thr = precision_recall_curve(y, x)
+    fpr, tpr, roc_thr = roc_curve(y, x, drop_intermediate=False)
+    pr = dict(zip(np.float32(thr), zip(precision, recall)))
+    roc = dict(zip(np.float32(roc_thr), zip(fpr, tpr)))
+    assert c["threshold"][0] is None   # +inf: nothing predicted
+    assert (c["precision"][0], c["recall"][0], c["fpr"][0]) == (1.0, 0.0, 0.0)
+    assert (precision[-1], recall[-1]) == (1.0, 0.0) and (fpr[0], tpr[0]) == (0.0, 0.0)
+    for t, pc, rc, f in zip(*(c[k][1:] for k in ("threshold", "precision", "recall", "fpr"))):
+      t = np.float32(t)
+      assert pr[t] == (pc, rc) and roc[t] == (f, rc)
+    # Quantised maps: fewer distinct lesion scores than recall levels, so every one is kept.
+    kept = set(np.float32(c["threshold"][1:]))
+    assert set(np.unique(x[y])) <= kept and kept <= set(np.unique(x[y])) | {x.min()}
+    assert c["threshold"][-1] == x.min() and c["recall"][-1] == c["fpr"][-1] == 1.0
+    assert "lesion" in c["definition"]
+
+
 def test_healthy_mode_equals_in_memory_reference():
   subjects = _cohort(1, n=3, lesion=True)   # healthy mode on a lesion cohort: lesion-free brain
   res = _run(subjects, "healthy").result()
@@ -114,6 +157,7 @@ def test_healthy_mode_equals_in_memory_reference():
   for p in ("raw", "mf"):
     assert dict(res.reference_rows(p)) == ref[p][0]
     assert "dice" not in res.per_subject[p] and "auprc" not in res.summary[p]
+    assert "ap" not in res.per_subject[p] and "curves" not in res.summary[p]
 
 
 def test_outputs(tmp_path):
@@ -143,11 +187,16 @@ def test_outputs(tmp_path):
   assert row.dice_best == res.per_subject["mf"]["dice"][res.thresholds.keys.index(best), 0]
   assert row["fpr@FPR-0.01"] == res.per_subject["mf"]["fpr"][res.thresholds.keys.index(
       "FPR-0.01"), 0]
+  assert (row.ap, row.auroc) == (res.per_subject["mf"]["ap"][0], res.per_subject["mf"]["auroc"][0])
+  assert table[table.subject == "sub-1"].ap.isna().all()   # empty mask
   long = pd.read_csv(paths["subject_metrics"], dtype={"threshold_key": str})
   assert list(long.columns) == ["subject_path", "metric", "threshold_key", "postproc", "value"]
   dice = long[(long.metric == "dice") & (long.postproc == "raw")]
   assert len(dice) == 4 * len(res.thresholds.keys)
   assert dice.value.isna().sum() == np.isnan(res.per_subject["raw"]["dice"]).sum()
+  auroc = long[(long.metric == "auroc") & (long.postproc == "raw")]
+  assert auroc.threshold_key.isna().all()
+  np.testing.assert_array_equal(auroc.value, res.per_subject["raw"]["auroc"])
 
 
 def test_lesion_detection_counts():

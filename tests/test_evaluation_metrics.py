@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import scipy.ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import (average_precision_score, precision_recall_curve,
+                             roc_auc_score, roc_curve)
 
 from uad_jax.evaluation import histogram, lesions, metrics
 from uad_jax.evaluation.histogram import SortedScores, ValueHistogram
@@ -26,6 +27,84 @@ def test_average_precision_and_auroc_equal_sklearn(seed):
   assert metrics.average_precision(scores, labels) == pytest.approx(
       average_precision_score(labels, scores), abs=1e-12)
   assert metrics.auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_ranked_counts_of_one_volume_equal_the_histograms():
+  # SortedScores (one subject, binary searches) and ValueHistogram (cohort) give the same counts.
+  rng = np.random.default_rng(9)
+  scores = _tied_scores(rng, 3000)
+  labels = rng.random(3000) < 0.2 + 0.5 * (scores > 0.4)
+  a = metrics.ranked_counts(*metrics.class_histograms(scores, labels))
+  b = metrics.ranked_counts(SortedScores.from_values(scores[~labels]),
+                            SortedScores.from_values(scores[labels]))
+  for field in ("values", "tp", "tp_equal", "fp", "fp_equal"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  assert a.negatives == b.negatives == (~labels).sum() and a.positives == labels.sum()
+  assert metrics.average_precision_from_counts(b) == pytest.approx(
+      average_precision_score(labels, scores), abs=1e-12)
+  assert metrics.roc_auc_from_counts(b) == pytest.approx(roc_auc_score(labels, scores),
+                                                         abs=1e-12)
+
+
+def _sklearn_points(labels, scores):
+  """{float32 threshold: (precision, recall, fpr)} of every point of scikit-learn's curves."""
+  precision, recall, thr = precision_recall_curve(labels, scores)
+  fpr, tpr, roc_thr = roc_curve(labels, scores, drop_intermediate=False)
+  roc = dict(zip(np.float32(roc_thr[1:]), zip(fpr[1:], tpr[1:])))
+  assert (fpr[0], tpr[0], roc_thr[0]) == (0.0, 0.0, np.inf)
+  assert (precision[-1], recall[-1]) == (1.0, 0.0)   # the PR curve's end point, no threshold
+  out = {}
+  for p, r, t in zip(precision[:-1], recall[:-1], np.float32(thr)):
+    assert roc[t][1] == r
+    out[t] = (p, r, roc[t][0])
+  return out
+
+
+@pytest.mark.parametrize("levels", [200, 7])
+def test_curve_points_lie_on_sklearn_curves(levels):
+  rng = np.random.default_rng(10)
+  scores = rng.gamma(2.0, 0.1, 20_000).astype(np.float32)     # ~all distinct: thinning at work
+  scores[rng.random(scores.size) < 0.3] = 0                    # a large tie (the background)
+  scores[:50] = np.float32(0.25)                               # a tie of both classes
+  labels = rng.random(scores.size) < 0.05 + 0.5 * (scores > 0.3)
+  ranked = metrics.ranked_counts(*metrics.class_histograms(scores, labels))
+  assert ranked.values.size > 4 * levels
+  c = metrics.curve_points(ranked, float(scores.min()), levels)
+  sk = _sklearn_points(labels, scores)
+  n = c["threshold"].size
+  assert n <= levels + 3 and set(c) == {"threshold", "tp", "fp", "precision", "recall", "fpr"}
+  # Start: +inf, nothing predicted; PR (recall 0, precision 1), ROC (0, 0).
+  assert (c["threshold"][0], c["tp"][0], c["fp"][0]) == (np.inf, 0, 0)
+  assert (c["precision"][0], c["recall"][0], c["fpr"][0]) == (1.0, 0.0, 0.0)
+  # Every other point is exactly a point of scikit-learn's curves, thresholds descending.
+  assert (np.diff(c["threshold"]) < 0).all()
+  for t, p, r, f, tp, fp in zip(*(c[k][1:] for k in ("threshold", "precision", "recall", "fpr",
+                                                      "tp", "fp"))):
+    assert np.float32(t) == t and sk[np.float32(t)] == (p, r, f)
+    assert (tp, fp) == (((scores >= t) & labels).sum(), ((scores >= t) & ~labels).sum())
+  # End: the lowest score, everything predicted.
+  assert (c["threshold"][-1], c["recall"][-1], c["fpr"][-1]) == (0.0, 1.0, 1.0)
+  # The sampling: the highest positive score, and per recall level k / levels the first
+  # point of the curve (highest threshold) with recall >= k / levels.
+  positives = np.sort(np.unique(scores[labels]))[::-1]
+  tps = np.array([((scores >= t) & labels).sum() for t in positives])
+  first = [positives[np.argmax(tps * levels >= k * labels.sum())] for k in range(1, levels + 1)]
+  want = sorted({positives[0], *first, np.float32(0.0)}, reverse=True)
+  np.testing.assert_array_equal(np.float32(c["threshold"][1:]), want)
+
+
+def test_curve_points_end_at_the_lowest_positive_and_without_positives():
+  scores = np.float32([0.9, 0.5, 0.5, 0.2, 0.1])
+  labels = np.array([True, False, True, False, True])
+  ranked = metrics.ranked_counts(*metrics.class_histograms(scores, labels))
+  c = metrics.curve_points(ranked, float(scores.min()), levels=3)   # a positive is lowest
+  np.testing.assert_array_equal(c["threshold"], np.float32([np.inf, 0.9, 0.5, 0.1]))
+  np.testing.assert_array_equal(c["tp"], [0, 1, 2, 3])
+  np.testing.assert_array_equal(c["fp"], [0, 0, 1, 2])
+  np.testing.assert_allclose(c["precision"], [1, 1, 2 / 3, 3 / 5])
+  np.testing.assert_allclose(c["fpr"], [0, 0, 0.5, 1])
+  none = metrics.ranked_counts(*metrics.class_histograms(scores, np.zeros(5, bool)))
+  assert metrics.curve_points(none, 0.1) is None
 
 
 def test_average_precision_of_constant_scores_is_an_error():
@@ -196,7 +275,8 @@ def test_best_pooled_dice_is_the_best_over_all_thresholds():
   rng = np.random.default_rng(7)
   v = _tied_scores(rng, 3000, levels=30)
   lab = rng.random(3000) < 0.05 + 0.4 * (v > 0.45)
-  dice, lowest = metrics.best_pooled_dice_from_histograms(*metrics.class_histograms(v, lab))
+  ranked = metrics.ranked_counts(*metrics.class_histograms(v, lab))
+  dice, lowest = metrics.best_pooled_dice_from_counts(ranked)
   brute = [2 * ((v > t) & lab).sum() / ((v > t).sum() + lab.sum())
            for t in np.r_[-np.inf, np.unique(v)]]
   assert dice == pytest.approx(max(brute), abs=1e-15)

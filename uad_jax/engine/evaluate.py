@@ -174,9 +174,10 @@ def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
              cohorts: list[str] | None = None) -> dict:
   """Scores every cohort (or the named ones); returns {cohort: EvaluationResult}."""
   run = _Run(config, ckpt, step)
-  pairs = evaluation.load_thresholds(run.step_dir)
+  calibrated = evaluation.load_artifact(run.step_dir)
   thresholds = evaluation.ThresholdSet.build(
-      (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step), pairs)
+      (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step),
+      evaluation.calibration.threshold_pairs(calibrated))
   names = list(config.eval.cohorts.keys()) if cohorts is None else cohorts
   if not names:
     raise ConfigError("config.eval.cohorts is empty: nothing to evaluate")
@@ -191,7 +192,9 @@ def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
     cohort = config.eval.cohorts[name]
     csv = required_path(config, f"eval.cohorts.{name}.csv")
     mode = "lesion" if cohort.lesion else "healthy"
-    info = dict(run.info, cohort=name, csv=str(csv), mode=mode)
+    # The calibration travels with the results: threshold roles without the checkpoint.
+    info = dict(run.info, cohort=name, csv=str(csv), mode=mode,
+                calibration=evaluation.calibration.results_info(calibrated))
     ev = evaluation.Evaluator(mode, thresholds, kernel_size=config.eval.kernel_size, info=info)
     log.info("evaluating %s (%s mode): %s", name, mode, csv)
     with _output_dir(out_dir / name) as tmp:

@@ -5,7 +5,9 @@ The reference prints the thresholds and the user copies them into the eval confi
 an exact histogram, computes the threshold of every target FPR with the reference's
 `roc_curve(drop_intermediate=True)` rule (plus the exact full-curve quantile, for information)
 and writes `calibration.json` next to the checkpoint. Evaluation reads the `(fpr, thr)` pairs
-back with `load_thresholds`; no threshold is hand-copied.
+back with `load_thresholds` / `threshold_pairs`; no threshold is hand-copied. The engine also
+copies the pairs and their provenance into each results.json (`info["calibration"]`,
+`results_info`), so the threshold roles travel with the results.
 
 `calibration.json` fields: `schema`, `pairs` (list of {`key`, `fpr`, `thr`, `source`:
 'target' | 'opt_thr', `thr_full_curve` (targets), `achieved_fpr`}), `fpr_targets`, `opt_thr`,
@@ -29,8 +31,13 @@ from uad_jax.evaluation.histogram import SortedScores, ValueHistogram
 from uad_jax.evaluation.thresholds import fpr_key
 from uad_jax.utils.atomic import atomic_write_text
 
+log = logging.getLogger(__name__)
+
 ARTIFACT_NAME = "calibration.json"
 SCHEMA = "uad_jax.evaluation.calibration/1"
+# The artifact's fields that travel with every evaluation (results.json `info.calibration`).
+RESULTS_INFO_FIELDS = ("pairs", "fpr_targets", "opt_thr", "opt_thr_key", "opt_thr_fpr",
+                       "validation_csv", "validation_csv_sha256", "checkpoint_step", "created")
 
 
 class Calibrator:
@@ -114,7 +121,7 @@ class Calibrator:
       pairs.append({"key": fpr_key(fpr), "fpr": fpr, "thr": float(best["threshold"]),
                     "source": "opt_thr", "achieved_fpr": fpr})
     for p in pairs:
-      logging.info("Threshold for FPR equal to %s is %r", p["fpr"], p["thr"])
+      log.info("Threshold for FPR equal to %s is %r", p["fpr"], p["thr"])
     csv = None if validation_csv is None else Path(validation_csv)
     return {
         "schema": SCHEMA,
@@ -161,6 +168,19 @@ def load_artifact(directory) -> dict:
   return doc
 
 
+def threshold_pairs(artifact: dict) -> list[tuple[float, float]]:
+  """The `(fpr, thr)` pairs of a calibration document, in its order (for `ThresholdSet`)."""
+  return [(p["fpr"], p["thr"]) for p in artifact["pairs"]]
+
+
 def load_thresholds(directory) -> list[tuple[float, float]]:
-  """The `(fpr, thr)` pairs of a calibration artifact, in its order (for `ThresholdSet`)."""
-  return [(p["fpr"], p["thr"]) for p in load_artifact(directory)["pairs"]]
+  """The `(fpr, thr)` pairs of `<directory>/calibration.json`, in its order."""
+  return threshold_pairs(load_artifact(directory))
+
+
+def results_info(artifact: dict) -> dict:
+  """What an evaluation's `info["calibration"]` records of the artifact it used: the pairs
+  (key, fpr, thr, source 'target' | 'opt_thr', achieved_fpr, ...), targets, opt_thr, its key
+  and FPR, the validation CSV and its sha256, the checkpoint step, the creation time. Makes
+  results.json self-contained: the report takes the threshold roles from it."""
+  return {k: artifact.get(k) for k in RESULTS_INFO_FIELDS}

@@ -5,9 +5,9 @@ evaluation.md §9). Here each subject is reduced, right after it is scored, to s
 summaries: for every threshold key the voxel counts (predicted, true positive, predicted
 lesion-free brain), each lesion's maximum score, false-positive components at the `FPR-<fpr>`
 keys, a subject score, and (lesion mode) its distinct score values with positive/negative
-counts merged into a cohort histogram for AUPRC/AUROC. Memory: about one volume plus the
-histogram (bounded by the number of distinct float32 scores); results equal the in-memory
-computation.
+counts merged into a cohort histogram for AUPRC/AUROC and the stored PR/ROC curve points,
+plus the subject's own voxel AP and AUROC. Memory: about one volume plus the histogram (bounded
+by the number of distinct float32 scores); results equal the in-memory computation.
 
 Modes (spec §3): `lesion` (Dice sweep, Dice at `FPR-<fpr>`, AUPRC, extras) and `healthy`
 (pooled and per-subject FPR over brain voxels). Every metric is computed for the raw map and
@@ -35,6 +35,12 @@ POSTPROCS = ("raw", "mf")
 # (one noisy voxel) or the mean (diluted by the brain): it reacts to lesions down to ~0.1 % of
 # the brain (about 1.5 cm³), the scale of MS/WMH lesions.
 SUBJECT_SCORE_QUANTILE = 0.999
+# `curves` of results.json: see metrics.curve_points.
+CURVES_DEFINITION = (
+    "exact points of the pooled-voxel precision-recall and ROC curves (predicted: score >= "
+    "threshold; threshold null = +inf: nothing predicted, precision 1 by convention): +inf, "
+    "the highest lesion-voxel score, the first point reaching each recall level "
+    f"k/{metrics.CURVE_LEVELS} (k = 1..{metrics.CURVE_LEVELS}), the lowest score")
 
 
 @dataclasses.dataclass
@@ -47,6 +53,8 @@ class _MapSummary:
   fp_components: np.ndarray  # (T_fpr,) false-positive components at the FPR keys
   score: float             # subject score (SUBJECT_SCORE_QUANTILE over brain voxels)
   score_mean: float        # mean score over brain voxels (float64)
+  ap: float                # lesion mode: voxel AP of the volume (NaN for an empty mask)
+  auroc: float             # lesion mode: voxel AUROC of the volume (NaN for an empty mask)
   lo: float                # smallest and largest score of the volume
   hi: float
 
@@ -77,7 +85,8 @@ class EvaluationResult:
       `fp_voxels` (predicted lesion-free brain voxels), `fpr` (fp_voxels / eval_voxels, not
       rounded; NaN without such voxels), `dice` (lesion mode; NaN for an empty mask with
       nothing predicted), `lesions_hit`; (T_fpr, N): `fp_components`; (N,): `subject_score`,
-      `score_mean`.
+      `score_mean`, and in lesion mode `ap`, `auroc` (voxel AP and AUROC of the subject's
+      volume, every voxel as in the pooled AUPRC; NaN for an empty mask).
     summary: postproc -> cohort metrics (JSON-ready; NaN as float nan), see `to_json`.
     warnings: protocol warnings (e.g. empty masks in a lesion cohort).
   """
@@ -252,6 +261,11 @@ class Evaluator:
     cutoffs = self._cutoffs
     tp = pos.count_above(cutoffs)
     has_zero = nonzero.size < flat.size
+    ap = auroc = math.nan
+    if self.mode == "lesion" and pos.size:
+      ranked = metrics.ranked_counts(neg, pos)   # binary searches in the sorted volume
+      ap = metrics.average_precision_from_counts(ranked)
+      auroc = metrics.roc_auc_from_counts(ranked)
     summary = _MapSummary(
         pred=tp + neg.count_above(cutoffs), tp=tp, fp=evaluated.count_above(cutoffs),
         lesion_max=lesion.max_scores(m),
@@ -261,6 +275,7 @@ class Evaluator:
                if in_brain_scores.size else math.nan),
         score_mean=(float(v_brain.sum(dtype=np.float64) / subject.brain_voxels)
                     if subject.brain_voxels else math.nan),
+        ap=ap, auroc=auroc,
         lo=float(min(v.min(initial=np.inf), 0.0 if has_zero else np.inf)),
         hi=float(max(v.max(initial=-np.inf), 0.0 if has_zero else -np.inf)))
     return summary, [neg, pos]
@@ -301,6 +316,8 @@ class Evaluator:
       out["fpr"] = out["fp_voxels"] / eval_voxels.astype(np.float64)
     if self.mode == "lesion":
       out["dice"] = metrics.dice(out["tp_voxels"], out["pred_voxels"], lesion_voxels)
+      out["ap"] = np.array([m.ap for m in maps])
+      out["auroc"] = np.array([m.auroc for m in maps])
     out["lesions_hit"] = np.stack([lesions_lib.hits(m.lesion_max, self._cutoffs) for m in maps],
                                   axis=1)
     out["fp_components"] = stack("fp_components").reshape(len(self._fpr_cutoffs), len(maps))
@@ -327,14 +344,15 @@ class Evaluator:
       with np.errstate(invalid="ignore"):
         nanmean = np.array([np.nan if n == dice.shape[1] else np.nanmean(row)
                             for row, n in zip(dice, nan_count)])
-      auprc, auroc, best_pooled = self._pooled_ranking(p)
+      auprc, auroc, best_pooled, curves = self._pooled_ranking(p)
       out["reference"] = dict(zip(keys, mean.tolist()))
       out["reference"]["AUPRC"] = auprc
       out.update(dice_mean=dict(zip(keys, mean.tolist())),
                  dice_nanmean=dict(zip(keys, nanmean.tolist())),
                  dice_nan_subjects=dict(zip(keys, nan_count.tolist())),
                  auprc=auprc, auroc=auroc,
-                 best_mean_dice=self._best_mean_dice(mean), best_pooled_dice=best_pooled)
+                 best_mean_dice=self._best_mean_dice(mean), best_pooled_dice=best_pooled,
+                 curves=curves)
     else:
       out["reference"] = {k: fpr_rounded[keys.index(k)].item() for k in fpr_keys}
     out.update(
@@ -366,7 +384,8 @@ class Evaluator:
     return {"key": key, "threshold": self.thresholds.threshold_of(key), "value": float(sweep[j])}
 
   def _pooled_ranking(self, p):
-    """AUPRC, AUROC and best pooled Dice from the cohort histogram of raw or filtered maps."""
+    """AUPRC, AUROC, best pooled Dice and the PR/ROC curve points from the cohort histogram
+    of raw or filtered maps."""
     lo = min(s.maps[p].lo for s in self._subjects)
     hi = max(s.maps[p].hi for s in self._subjects)
     if lo == hi:
@@ -374,11 +393,13 @@ class Evaluator:
           f"AUPRC undefined: every voxel of every {p} map has the value {lo} (constant maps); "
           "the reference's min-max normalisation divides by zero and scikit-learn raises "
           "'Input contains NaN'. Check the method's scoring.")
-    neg, pos = self._histograms[p]
-    dice, lowest = metrics.best_pooled_dice_from_histograms(neg, pos)
-    return (metrics.average_precision_from_histograms(neg, pos),
-            metrics.roc_auc_from_histograms(neg, pos),
-            {"value": dice, "min_score": lowest})
+    ranked = metrics.ranked_counts(*self._histograms[p])
+    dice, lowest = metrics.best_pooled_dice_from_counts(ranked)
+    points = metrics.curve_points(ranked, lo)
+    curves = None if points is None else {
+        "definition": CURVES_DEFINITION, **{k: v.tolist() for k, v in points.items()}}
+    return (metrics.average_precision_from_counts(ranked), metrics.roc_auc_from_counts(ranked),
+            {"value": dice, "min_score": lowest}, curves)
 
   def write(self, out_dir, prefix: str) -> dict:
     """Writes every output file (see `outputs.write_outputs`); returns {name: path}."""

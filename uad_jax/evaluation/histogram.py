@@ -54,6 +54,21 @@ class SortedScores:
     """Distinct nonzero values (ascending) and their counts (int64); zeros not included."""
     return distinct_sorted(self.nonzero)
 
+  def table(self) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values ascending (0 included if counted) and their counts (int64), as
+    `ValueHistogram.table`."""
+    return _insert_zeros(*self.distinct(), self.zeros)
+
+  def count_from(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(#values >= q, #values == q) for queries q, zeros included (int64), as
+    `ValueHistogram.count_from` (one volume's class: binary searches in the sorted values)."""
+    queries = np.asarray(queries, self.nonzero.dtype)
+    below = (np.searchsorted(self.nonzero, queries, side="left").astype(np.int64)
+             + self.zeros * (queries > 0))
+    at_most = (np.searchsorted(self.nonzero, queries, side="right").astype(np.int64)
+               + self.zeros * (queries >= 0))
+    return self.size - below, at_most - below
+
 
 def distinct_sorted(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Distinct values of a sorted array (ascending) and how often each occurs (int64)."""
@@ -62,6 +77,14 @@ def distinct_sorted(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
   counts = np.diff(np.r_[starts, sorted_values.size]).astype(np.int64)
   return sorted_values[starts], counts
+
+
+def _insert_zeros(values: np.ndarray, counts: np.ndarray, zeros: int):
+  """Distinct nonzero values with int64 counts -> the same with the zero count in its place."""
+  if not zeros:
+    return values, counts
+  at = int(np.searchsorted(values, 0))
+  return np.insert(values, at, values.dtype.type(0)), np.insert(counts, at, zeros)
 
 
 class ValueHistogram:
@@ -123,12 +146,7 @@ class ValueHistogram:
       self._runs[-1] = _merge_runs(*self._runs[-1], *later)
     values, counts = self._runs[0] if self._runs else (np.zeros(0, self.dtype),
                                                         np.zeros(0, np.int64))
-    counts = counts.astype(np.int64)
-    if self.zeros:
-      at = int(np.searchsorted(values, 0))
-      values = np.insert(values, at, self.dtype.type(0))
-      counts = np.insert(counts, at, self.zeros)
-    return values, counts
+    return _insert_zeros(values, counts.astype(np.int64), self.zeros)
 
 
 _CHUNK = 1 << 20

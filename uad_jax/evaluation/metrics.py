@@ -6,11 +6,16 @@ Everything is computed from exact voxel counts: results equal the reference's nu
 scikit-learn computation on the pooled arrays (Dice and FPR exactly, AP/AUROC to rounding).
 """
 
+import dataclasses
+
 import numpy as np
 
 from uad_jax.errors import EvaluationError
 from uad_jax.evaluation.histogram import SortedScores, ValueHistogram, distinct_sorted
 from uad_jax.evaluation.thresholds import float32_cutoffs
+
+# Evenly spaced recall levels of the stored precision-recall / ROC curve points (every 0.5 %).
+CURVE_LEVELS = 200
 
 
 def check_scores(scores, name: str = "scores") -> np.ndarray:
@@ -97,26 +102,55 @@ def class_histograms(scores, labels) -> tuple[ValueHistogram, ValueHistogram]:
   return neg, pos
 
 
-def _ranked_positives(neg: ValueHistogram, pos: ValueHistogram):
-  """Distinct positive scores descending with, per score s: positives >= s (cumulative),
-  positives == s, negatives >= s and negatives == s (int64)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class RankedCounts:
+  """Voxel counts at every distinct positive score, highest first: the thresholds at which
+  recall changes, the only points that AP, AUROC and the best Dice depend on.
+
+  Attributes:
+    values: (J,) distinct scores of the positives, descending (the scores' dtype).
+    tp: (J,) positives with score >= value (cumulative, int64; tp[-1] = every positive).
+    tp_equal: (J,) positives with score == value.
+    fp: (J,) negatives with score >= value.
+    fp_equal: (J,) negatives with score == value.
+    negatives: number of negatives.
+  """
+  values: np.ndarray
+  tp: np.ndarray
+  tp_equal: np.ndarray
+  fp: np.ndarray
+  fp_equal: np.ndarray
+  negatives: int
+
+  @property
+  def positives(self) -> int:
+    return int(self.tp[-1]) if self.tp.size else 0
+
+
+def ranked_counts(neg, pos) -> RankedCounts:
+  """`RankedCounts` of the negative and positive scores, each a `ValueHistogram` (a cohort)
+  or a `SortedScores` (one volume's class): anything with `table()` and `count_from()`.
+
+  Only the positives' distinct scores are visited, with the negatives at or above each one
+  counted from the negatives' table (the few positive scores query the many negatives).
+  """
   values, counts = pos.table()
   at_least, equal = neg.count_from(values)
-  return (values[::-1], np.cumsum(counts[::-1]), counts[::-1], at_least[::-1], equal[::-1])
+  negatives = int(neg.count_from(np.array([-np.inf]))[0][0])
+  return RankedCounts(values[::-1], np.cumsum(counts[::-1]), counts[::-1], at_least[::-1],
+                      equal[::-1], negatives)
 
 
-def average_precision_from_histograms(neg: ValueHistogram, pos: ValueHistogram) -> float:
-  """scikit-learn's `average_precision_score` from the class histograms (ties included).
+def average_precision_from_counts(r: RankedCounts) -> float:
+  """scikit-learn's `average_precision_score` from ranked counts (ties included).
 
   AP = Σ_j (R_j − R_{j−1}) · P_j over distinct thresholds; recall only changes at positive
-  scores, so only those are visited, with the negatives at or above each one counted from the
-  negatives' histogram. No positive -> 0.0, as scikit-learn (which warns) returns.
+  scores, so only those count. No positive -> 0.0, as scikit-learn (which warns) returns.
   """
-  _, tp, _, fp, _ = _ranked_positives(neg, pos)
-  if tp.size == 0:
+  if r.tp.size == 0:
     return 0.0
-  recall = np.r_[0.0, tp / tp[-1]]
-  return float(max(0.0, np.sum(np.diff(recall) * (tp / (tp + fp)))))
+  recall = np.r_[0.0, r.tp / r.tp[-1]]
+  return float(max(0.0, np.sum(np.diff(recall) * (r.tp / (r.tp + r.fp)))))
 
 
 def average_precision(scores, labels) -> float:
@@ -130,28 +164,24 @@ def average_precision(scores, labels) -> float:
   if scores.size and scores.min() == scores.max():
     raise EvaluationError("AUPRC: every score has the same value; the reference's min-max "
                           "normalisation divides by zero and scikit-learn rejects the NaN")
-  return average_precision_from_histograms(*class_histograms(scores, labels))
+  return average_precision_from_counts(ranked_counts(*class_histograms(scores, labels)))
 
 
-def roc_auc_from_histograms(neg: ValueHistogram, pos: ValueHistogram) -> float:
+def roc_auc_from_counts(r: RankedCounts) -> float:
   """Area under the ROC curve (ties count half, = `sklearn.metrics.roc_auc_score`), computed
   as the Mann-Whitney statistic. NaN without positives or negatives."""
-  _, _, at, at_least, equal = _ranked_positives(neg, pos)
-  n_pos = at.sum()
-  n_neg = neg.count_from(np.array([-np.inf]))[0][0]
-  if not n_pos or not n_neg:
+  if not r.positives or not r.negatives:
     return float("nan")
-  wins = np.sum(at.astype(np.float64) * ((n_neg - at_least) + 0.5 * equal))
-  return float(wins / (float(n_pos) * float(n_neg)))
+  wins = np.sum(r.tp_equal.astype(np.float64) * ((r.negatives - r.fp) + 0.5 * r.fp_equal))
+  return float(wins / (float(r.positives) * float(r.negatives)))
 
 
 def auroc(scores, labels) -> float:
   """ROC AUC of scores (any shape) against bool labels; NaN if one class is absent."""
-  return roc_auc_from_histograms(*class_histograms(scores, labels))
+  return roc_auc_from_counts(ranked_counts(*class_histograms(scores, labels)))
 
 
-def best_pooled_dice_from_histograms(neg: ValueHistogram,
-                                     pos: ValueHistogram) -> tuple[float, float]:
+def best_pooled_dice_from_counts(r: RankedCounts) -> tuple[float, float]:
   """Dataset-level best Dice over every possible threshold (pooled voxels).
 
   The best binarisation is always `score >= s` for a positive score s (any other threshold
@@ -159,12 +189,56 @@ def best_pooled_dice_from_histograms(neg: ValueHistogram,
   predicted voxels are those with score >= s. This is the '⌈Dice⌉' of Baur et al. (2021); the
   reference only sweeps a grid (best_mean_dice). (nan, nan) without positives.
   """
-  values, tp, _, fp, _ = _ranked_positives(neg, pos)
-  if tp.size == 0:
+  if r.tp.size == 0:
     return float("nan"), float("nan")
-  dice_j = 2 * tp / (tp + fp + tp[-1]).astype(np.float64)
+  dice_j = 2 * r.tp / (r.tp + r.fp + r.tp[-1]).astype(np.float64)
   j = int(np.argmax(dice_j))
-  return float(dice_j[j]), float(values[j])
+  return float(dice_j[j]), float(r.values[j])
+
+
+def curve_points(r: RankedCounts, lowest: float,
+                 levels: int = CURVE_LEVELS) -> dict[str, np.ndarray] | None:
+  """Exact points of the precision-recall and ROC curves, thinned to at most levels + 3.
+
+  The curves are scikit-learn's `precision_recall_curve` and `roc_curve(...,
+  drop_intermediate=False)` of the pooled scores: one point per distinct score s, predicting
+  `score >= s`. Kept, by decreasing threshold:
+  - +inf (nothing predicted): recall 0, FPR 0, precision 1 (scikit-learn's convention for the
+    PR curve's end point; its ROC curve starts there too);
+  - the highest positive score;
+  - for each evenly spaced recall level k / levels (k = 1..levels) the first point (highest
+    threshold) whose recall reaches it: fewer points where one positive score spans several
+    levels;
+  - `lowest`, the lowest score of all voxels (everything predicted: recall 1, FPR 1), unless
+    it is the lowest positive score (then already kept).
+  Every value is the curve's own (no interpolation). Apart from the two ends the thresholds are
+  positive scores, the points where recall rises (those AP sums over).
+
+  Args:
+    r: the ranked counts of the pooled scores.
+    lowest: the lowest score of every voxel (positives and negatives).
+    levels: number of evenly spaced recall levels.
+  Returns:
+    None without positives, else (P,) arrays: `threshold` (float64, descending, +inf first),
+    `tp`, `fp` (int64 voxel counts), `precision`, `recall` (= TPR), `fpr` (float64; NaN
+    without negatives).
+  """
+  if r.tp.size == 0:
+    return None
+  levels_k = np.arange(1, levels + 1, dtype=np.int64)
+  needed = -(-levels_k * r.positives // levels)     # ceil(k · positives / levels), exactly
+  index = np.unique(np.r_[0, np.searchsorted(r.tp, needed, side="left")])
+  threshold = np.r_[np.inf, r.values[index].astype(np.float64)]
+  tp = np.r_[0, r.tp[index]].astype(np.int64)
+  fp = np.r_[0, r.fp[index]].astype(np.int64)
+  if r.values[-1] > lowest:
+    threshold = np.r_[threshold, float(lowest)]
+    tp, fp = np.r_[tp, r.positives], np.r_[fp, r.negatives]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+    fpr = fp / np.float64(r.negatives)
+  return {"threshold": threshold, "tp": tp, "fp": fp, "precision": precision,
+          "recall": tp / np.float64(r.positives), "fpr": fpr}
 
 
 def roc_curve_all_negative(values, counts, drop_intermediate: bool = True):

@@ -14,19 +14,25 @@ In the output directory:
   per FPR key), `subject_score` (definition, median); lesion mode also `dice_mean`,
   `dice_nanmean`, `dice_nan_subjects` (per key), `auprc`, `auroc`, `best_mean_dice` (`key`,
   `threshold`, `value`: best sweep key of the mean Dice), `best_pooled_dice` (`value`,
-  `min_score`: best pooled Dice over every threshold, predicting score >= min_score). NaN/undefined values are `null`.
+  `min_score`: best pooled Dice over every threshold, predicting score >= min_score),
+  `curves` (exact points of the pooled-voxel PR and ROC curves, thinned: `definition`,
+  `threshold` (descending, null = +inf), `tp`, `fp`, `precision`, `recall`, `fpr`; see
+  `metrics.curve_points`; null without lesion voxels). `info.calibration` (written by the
+  engine): the calibration artifact's threshold pairs and provenance (see
+  `calibration.results_info`). NaN/undefined values are `null`.
 - `subjects.csv`: tidy, one row per subject × postproc: `subject_path`, metadata columns
   (`subject`, `dataset`, `lesion_type`, `scanner`, `age`, `sex`, `lesion_voxels_uncropped`
   where known, then any other metadata), `postproc`, `voxels`, `lesion_voxels` (cropped
   mask), `brain_voxels`, `eval_voxels` (brain & ~lesion), `lesions`, `subject_score`,
   `score_mean`; lesion mode: `best_key`, `dice_best` (Dice at the cohort's best sweep key of
-  that postproc); per FPR key K: `dice@K` (lesion mode), `fpr@K`, `pred_voxels@K`,
-  `lesions_hit@K`, `fp_components@K`.
+  that postproc), `ap`, `auroc` (the subject's voxel AP and AUROC over every voxel of its
+  volume, empty for an empty mask); per FPR key K: `dice@K` (lesion mode), `fpr@K`,
+  `pred_voxels@K`, `lesions_hit@K`, `fp_components@K`.
 - `subject_metrics.csv`: long format `subject_path, metric, threshold_key, postproc, value`:
   per key `dice` (lesion mode), `fpr`, `pred_voxels`, `tp_voxels`, `fp_voxels`,
   `lesions_hit`; per FPR key `fp_components`; with an empty threshold_key `subject_score`,
-  `score_mean`, `voxels`, `lesion_voxels`, `brain_voxels`, `eval_voxels`, `lesions`. Values
-  are floats (counts too), NaN as an empty field.
+  `score_mean`, (lesion mode) `ap`, `auroc`, and `voxels`, `lesion_voxels`, `brain_voxels`,
+  `eval_voxels`, `lesions`. Values are floats (counts too), NaN as an empty field.
 """
 
 import json
@@ -43,6 +49,7 @@ _META_FIRST = ("subject", "dataset", "lesion_type", "scanner", "age", "sex",
                "lesion_voxels_uncropped")
 _COUNTS = ("voxels", "lesion_voxels", "brain_voxels", "eval_voxels", "lesions")
 _PER_KEY = ("dice", "fpr", "pred_voxels", "tp_voxels", "fp_voxels", "lesions_hit")
+_PER_SUBJECT = ("subject_score", "score_mean", "ap", "auroc")
 
 
 def format_value(value) -> str:
@@ -76,6 +83,8 @@ def subjects_table(result) -> pd.DataFrame:
       if result.mode == "lesion":
         row["best_key"] = best
         row["dice_best"] = per["dice"][keys.index(best), i] if best else math.nan
+        row["ap"] = per["ap"][i]
+        row["auroc"] = per["auroc"][i]
       for f, key in enumerate(fpr_keys):
         t = keys.index(key)
         if result.mode == "lesion":
@@ -115,8 +124,9 @@ def subject_metrics_table(result) -> pd.DataFrame:
       if metric in per:
         add(metric, per[metric], keys, p)
     add("fp_components", per["fp_components"], fpr_keys, p)
-    for metric in ("subject_score", "score_mean"):
-      add(metric, per[metric], np.array([""], object), p)
+    for metric in _PER_SUBJECT:
+      if metric in per:
+        add(metric, per[metric], np.array([""], object), p)
     for metric in _COUNTS:
       add(metric, [s[metric] for s in result.subjects], np.array([""], object), p)
   return pd.concat(parts, ignore_index=True)
