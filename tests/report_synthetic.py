@@ -3,7 +3,8 @@
 `make_run` writes one training workdir's evaluation in the layout of `engine/evaluate.py`:
 `<workdir>/eval/step_<N>/<cohort>/` with the evaluation module's files and `examples/*.npz`,
 `<workdir>/eval/step_<N>/summary.md`, the calibration artifact in `<workdir>/checkpoints/<N>/`
-and an (empty) `<workdir>/tensorboard/`. Volumes are tiny (16 x 16 x 6): an ellipsoid brain,
+(also recorded in each results.json `info.calibration`, as the engine does) and an (empty)
+`<workdir>/tensorboard/`. Volumes are tiny (16 x 16 x 6): an ellipsoid brain,
 blob lesions, maps = scanner-dependent noise in the brain plus a method-dependent signal in the
 lesions, so scanners differ on purpose.
 """
@@ -68,8 +69,8 @@ def make_run(root, method: str = "ANDi", modality: str = "T1w", *, step: int = 5
   (workdir / "tensorboard").mkdir()
   pairs = [{"key": evaluation.calibration.fpr_key(f), "fpr": f, "thr": t, "source": s,
             "achieved_fpr": f} for f, t, s in CALIBRATION]
-  atomic_write_text(step_dir / "calibration.json", json.dumps(
-      {"schema": evaluation.calibration.SCHEMA, "pairs": pairs}) + "\n")
+  artifact = {"schema": evaluation.calibration.SCHEMA, "pairs": pairs, "checkpoint_step": step}
+  atomic_write_text(step_dir / "calibration.json", json.dumps(artifact) + "\n")
   thresholds = evaluation.ThresholdSet.build(SWEEP, [(f, t) for f, t, _ in CALIBRATION])
   out = workdir / "eval" / f"step_{step}"
   rng = np.random.default_rng(seed)
@@ -77,7 +78,8 @@ def make_run(root, method: str = "ANDi", modality: str = "T1w", *, step: int = 5
   for name, kind, n in cohorts:
     mode = "healthy" if kind is None else "lesion"
     info = {"method": method, "modality": modality, "checkpoint_step": step,
-            "checkpoint": str(step_dir), "warnings": [], "cohort": name, "mode": mode}
+            "checkpoint": str(step_dir), "warnings": [], "cohort": name, "mode": mode,
+            "calibration": evaluation.calibration.results_info(artifact)}
     ev = evaluation.Evaluator(mode, thresholds, kernel_size=4, info=info)
     cohort_dir = out / name
     for i in range(n):

@@ -1,18 +1,20 @@
 """The whole report: CLI, figure files, index.html rendered in headless Chromium, TensorBoard."""
 
 import html.parser
+import json
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import report_synthetic
 from uad_jax.report import __main__ as cli
-from uad_jax.report import figures, tables, write
+from uad_jax.report import figures, load, tables, write
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
@@ -179,6 +181,38 @@ def test_failed_report_keeps_the_previous_one(report, tmp_path, monkeypatch):
                        write_tensorboard=False)
   assert (previous / "index.html").read_bytes() == (out / "index.html").read_bytes()
   assert not list(tmp_path.glob(".previous.tmp-*"))
+
+
+def _lines(ax):
+  return [(np.asarray(l.get_xdata(), float), np.asarray(l.get_ydata(), float), l.get_linestyle())
+          for l in ax.get_lines()]
+
+
+def test_precision_recall_figure_draws_the_stored_curves(report, tmp_path):
+  _, andi, _ = report
+  cohorts = load.load_cohorts([andi])
+  lesion = {c.cohort: c for c in cohorts if c.mode == "lesion"}
+  fig = figures.pr_curves(cohorts, "T1w")
+  panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.get_title()}
+  assert set(panels) == set(lesion)
+  for name, c in lesion.items():
+    drawn = _lines(panels[name])
+    for p, style in (("raw", "-"), ("mf", "--")):
+      curve = c.summary(p)["curves"]
+      assert any(ls == style and np.array_equal(x, curve["recall"])
+                 and np.array_equal(y, curve["precision"]) for x, y, ls in drawn), (name, p)
+    assert f"{c.summary('raw')['auprc']:.3f}" in panels[name].texts[0].get_text()
+  # Outputs written before the curves were stored: the sweep points, joined by a line.
+  old = tmp_path / "old"
+  shutil.copytree(andi / "eval" / "step_5" / "test_ms", old)
+  doc = json.loads((old / "results.json").read_text())
+  for p in ("raw", "mf"):
+    del doc[p]["curves"]
+  (old / "results.json").write_text(json.dumps(doc))
+  c = load.load_cohorts([old])[0]
+  assert not figures.has_curves(c) and figures.has_curves(lesion["test_ms"])
+  drawn = _lines(figures.pr_curves([c], "T1w").axes[0])
+  assert [ls for x, _, ls in drawn if x.size == len(c.sweep[0])] == ["-", "--"]
 
 
 def test_cli_error_message(tmp_path, capsys):

@@ -65,16 +65,35 @@ def test_cohorts_roles_and_subject_rows(runs):
                                                          "fp_voxels@FPR-0.01"].sum()
 
 
-def test_roles_without_calibration_artifact(runs, tmp_path):
+def _rewrite_info(cohort_dir, **changes):
+  """Edits results.json `info`: a value of None deletes the key."""
+  path = cohort_dir / "results.json"
+  doc = json.loads(path.read_text())
+  for k, v in changes.items():
+    if v is None:
+      doc["info"].pop(k)
+    else:
+      doc["info"][k] = v
+  path.write_text(json.dumps(doc))
+
+
+def test_roles_travel_with_the_results(runs, tmp_path):
   _, andi = runs
   work = tmp_path / "w"
   shutil.copytree(andi, work)
-  # results.json points at the original checkpoint; remove the artifact it names.
-  doc = json.loads((work / "eval/step_5/test_ms/results.json").read_text())
-  doc["info"]["checkpoint"] = str(tmp_path / "nowhere")
-  (work / "eval/step_5/test_ms/results.json").write_text(json.dumps(doc))
-  c = load.load_cohorts([work / "eval/step_5/test_ms"])[0]
-  assert [t.role for t in c.calibrated] == ["FPR-0.01", "FPR-0.05"]
+  cohort = work / "eval/step_5/test_ms"
+  roles = lambda: [t.role for t in load.load_cohorts([cohort])[0].calibrated]
+  doc = json.loads((cohort / "results.json").read_text())
+  assert [p["source"] for p in doc["info"]["calibration"]["pairs"]] == ["target", "opt_thr"]
+  # The checkpoint (and its calibration.json) is gone: the roles come from results.json.
+  _rewrite_info(cohort, checkpoint=str(tmp_path / "nowhere"))
+  assert roles() == ["FPR-0.01", "opt_thr"]
+  # Outputs written before info.calibration: calibration.json next to the checkpoint.
+  _rewrite_info(cohort, calibration=None, checkpoint=str(andi / "checkpoints" / "5"))
+  assert roles() == ["FPR-0.01", "opt_thr"]
+  # Neither: every key is its own role.
+  _rewrite_info(cohort, checkpoint=str(tmp_path / "nowhere"))
+  assert roles() == ["FPR-0.01", "FPR-0.05"]
 
 
 def test_two_runs_of_one_method_get_workdir_labels(runs, tmp_path):

@@ -1,6 +1,7 @@
 """Report tables: hand-computed strata on a tiny results table; cohort metrics vs results.json."""
 
 import math
+import shutil
 import types
 
 import numpy as np
@@ -30,6 +31,8 @@ def _tiny_table() -> pd.DataFrame:
       "dice@R": [0.0, 0.1, 0.2, 0.4, 0.5, 0.6, 0.8, 0.7],
       "lesions": [1, 2, 1, 2, 1, 2, 1, 2],
       "lesions_hit@R": [1, 1, 0, 2, 1, 2, 1, 0],
+      "ap": [0.2, 0.4, 0.6, 0.5, 0.7, 0.9, np.nan, 0.8],        # l6: an empty mask
+      "auroc": [0.9, 0.95, 0.8, 0.99, 0.97, 0.96, np.nan, 0.9],
   })
   fp = np.array([1, 2, 3, 10, 20, 30])
   healthy = pd.DataFrame({
@@ -73,6 +76,18 @@ def test_strata_hand_computed():
   assert c["n"] == 2 and c["note"] == "n < 3" and math.isnan(c["value"])
   assert _row(strata, stratum="F", scope=tables.ALL_LESION, factor="sex", metric="dice",
               role="R")["value"] == pytest.approx((0.0 + 0.2 + 0.5 + 0.8) / 4)
+  # Per-subject voxel AP / AUROC: means of the subjects' values; C has one defined value.
+  ap = dict(scope=tables.ALL_LESION, factor="scanner", metric="ap_mean", role="")
+  assert _row(strata, stratum="A", **ap)["value"] == pytest.approx(0.4)
+  assert _row(strata, stratum="B", **ap)["value"] == pytest.approx(0.7)
+  assert (_row(strata, stratum="B", **ap)["ci_low"], _row(strata, stratum="B", **ap)["ci_high"]
+          ) == stats.bootstrap_ci([0.5, 0.7, 0.9], stats.mean_statistic, n_resamples=300,
+                                  seed=0)
+  c_ap = _row(strata, stratum="C", **ap)
+  assert c_ap["n"] == 1 and c_ap["note"] == "n < 3"
+  assert _row(strata, stratum="M", scope=tables.ALL_LESION, factor="sex",
+              metric="auroc_voxel_mean", role="")["value"] == pytest.approx(
+                  (0.95 + 0.99 + 0.96 + 0.9) / 4)
   # Detection is pooled: A (1 + 1 + 0) / (1 + 2 + 1), B (2 + 1 + 2) / (2 + 1 + 2).
   det = dict(scope=tables.ALL_LESION, factor="scanner", metric="detection", role="R")
   assert _row(strata, stratum="A", **det)["value"] == pytest.approx(0.5)
@@ -161,6 +176,14 @@ def test_summary_matches_the_evaluation_results(synthetic):
               s["lesion_detection"]["hit_rate"][t.key])
         assert get("auprc")["value"] == s["auprc"]
         assert get("auroc_voxel")["value"] == s["auroc"]
+        for metric in ("auprc", "auroc_voxel"):   # pooled (reference protocol): no CI
+          assert math.isnan(get(metric)["ci_low"]) and "pooled" in get(metric)["note"]
+        for metric, name in (("ap_mean", "ap"), ("auroc_voxel_mean", "auroc")):
+          values = results[c.cohort].per_subject[p][name]
+          row = get(metric)
+          assert row["value"] == pytest.approx(np.nanmean(values), rel=1e-12)
+          assert row["n"] == np.isfinite(values).sum() == len(values)
+          assert row["ci_low"] <= row["value"] <= row["ci_high"] and row["note"] == ""
         assert get("auroc_subject")["value"] == pytest.approx(evaluation.subject_auroc(
             results["test_healthy"], results[c.cohort], p))
 
@@ -170,9 +193,26 @@ def test_wide_tables_and_markdown(synthetic):
   summary = tables.summary_table(cohorts, subjects, OPTIONS)
   wide = tables.wide_summary(summary, "lesion", ("dice", "auprc"))
   assert list(wide.columns) == ["modality", "run", "cohort", "postproc", "n", "Dice @best",
-                                "Dice @FPR-0.01", "Dice @opt_thr", "AUPRC"]
+                                "Dice @FPR-0.01", "Dice @opt_thr", "AUPRC (pooled)"]
   assert list(wide["n"]) == [7, 7, 8, 8]   # test_ms, test_tumour x raw, mf
   text = tables.markdown(wide)
   assert text.count("\n") == len(wide) + 2 and text.startswith("| modality | run |")
   cell = wide.iloc[0]["Dice @best"]
   assert cell.count("[") == 1 and "(thr " in cell
+
+
+def test_outputs_without_per_subject_ranking_values(synthetic, tmp_path):
+  """Outputs written before subjects.csv had `ap`/`auroc`: n/a with a note, no error."""
+  cohorts, _, _ = synthetic
+  step = tmp_path / "step_5"
+  shutil.copytree(cohorts[0].directory.parent, step)
+  for name in ("test_ms", "test_tumour"):
+    path = step / name / "subjects.csv"
+    pd.read_csv(path).drop(columns=["ap", "auroc"]).to_csv(path, index=False)
+  old = load.load_cohorts([step])
+  subjects = tables.add_strata(load.subject_table(old))
+  summary = tables.summary_table(old, subjects, OPTIONS)
+  rows = summary[summary["metric"] == "ap_mean"]
+  assert len(rows) == 4 and rows["value"].isna().all() and (rows["n"] == 0).all()
+  assert rows["note"].str.startswith("no per-subject value").all()
+  assert summary[summary["metric"] == "dice"]["value"].notna().all()

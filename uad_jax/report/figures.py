@@ -107,9 +107,17 @@ def dice_overview(summary: pd.DataFrame, postproc: str) -> Figure:
   return fig
 
 
-def pr_sweep(cohorts, modality: str) -> Figure:
-  """Pooled-voxel precision–recall at the sweep thresholds per lesion cohort (raw solid,
-  median-filtered dashed), the best-Dice threshold marked."""
+def has_curves(cohort) -> bool:
+  """Whether a lesion cohort's results.json stores its PR curve points (raw and mf)."""
+  return all(cohort.summary(p).get("curves") for p in ("raw", "mf"))
+
+
+def pr_curves(cohorts, modality: str) -> Figure:
+  """Pooled-voxel precision–recall curves per lesion cohort (raw solid, median-filtered
+  dashed): the exact curve points of results.json (`curves`, sampled every 0.5 % of recall),
+  the sweep thresholds as dots on them, the best mean-Dice threshold as a star, the pooled
+  AUPRC of each run in the corner. Cohorts evaluated before the curves were stored show their
+  sweep points only, joined by a thin line."""
   lesion = [c for c in cohorts if c.mode == "lesion" and c.modality == modality]
   names = list(dict.fromkeys(c.cohort for c in lesion))
   colours = run_colours(dict.fromkeys(c.run for c in cohorts))
@@ -119,6 +127,7 @@ def pr_sweep(cohorts, modality: str) -> Figure:
     fig = _figure(WIDTH, 2.3 * rows + 0.4)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     for ax, name in zip(axes, names):
+      auprc = []
       for c in [c for c in lesion if c.cohort == name]:
         keys, _ = c.sweep
         total = float(c.results["counts"]["lesion_voxels"])
@@ -128,13 +137,23 @@ def pr_sweep(cohorts, modality: str) -> Figure:
           pred = counts["pred_voxels"].to_numpy(np.float64)
           with np.errstate(invalid="ignore", divide="ignore"):
             precision, recall = tp / pred, tp / total
-          ax.plot(recall, precision, style, color=colours[c.run], linewidth=1.0,
-                  marker=".", markersize=2.5)
+          curve = c.summary(p).get("curves")
+          if curve:
+            ax.plot(curve["recall"], curve["precision"], style, color=colours[c.run],
+                    linewidth=1.0)
+            ax.plot(recall, precision, ".", color=colours[c.run], markersize=2.5)
+          else:
+            ax.plot(recall, precision, style, color=colours[c.run], linewidth=0.6,
+                    marker=".", markersize=2.5)
           best = c.summary(p).get("best_mean_dice")
           if best:
             k = keys.index(best["key"])
             ax.plot(recall[k], precision[k], "*", color=colours[c.run], markersize=6,
                     markeredgecolor="black", markeredgewidth=0.3)
+        auprc.append(f"{c.run}: {_num(c.summary('raw').get('auprc')):.3f} / "
+                     f"{_num(c.summary('mf').get('auprc')):.3f}")
+      ax.text(0.03, 0.03, "AUPRC raw / mf\n" + "\n".join(auprc), transform=ax.transAxes,
+              fontsize=6, va="bottom", ha="left")
       ax.set_title(name)
       ax.set_xlabel("recall (pooled voxels)")
       ax.set_ylabel("precision")
@@ -147,6 +166,8 @@ def pr_sweep(cohorts, modality: str) -> Figure:
         c.run for c in lesion)]
     handles += [Line2D([], [], color="grey", linestyle="-", label="raw maps"),
                 Line2D([], [], color="grey", linestyle="--", label="median-filtered"),
+                Line2D([], [], color="grey", marker=".", linestyle="none",
+                       label="sweep thresholds"),
                 Line2D([], [], color="grey", marker="*", linestyle="none",
                        label="best mean-Dice threshold")]
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6),

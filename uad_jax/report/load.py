@@ -8,8 +8,10 @@ when two runs of the same method and modality are combined.
 
 Calibrated thresholds get a *role* that names them across runs: `opt_thr` for the
 lesion-validation Dice-optimal threshold (the paper's "Estimate"), otherwise the `FPR-<fpr>`
-key of the target (e.g. `FPR-0.01`). The roles come from `calibration.json` next to the
-checkpoint (`info.checkpoint`); without it every key is its own role.
+key of the target (e.g. `FPR-0.01`). The roles come from the calibration pairs recorded in
+`results.json` (`info.calibration.pairs`, written by the engine); outputs written before that
+fall back to `calibration.json` next to the checkpoint (`info.checkpoint`); without either,
+every key is its own role.
 """
 
 import dataclasses
@@ -33,6 +35,8 @@ EXAMPLES_DIR = "examples"
 ID_COLUMNS = ("run", "method", "modality", "cohort", "mode", "postproc")
 # Per-subject metadata the bias analysis stratifies on (None/NaN where unknown).
 META_COLUMNS = ("subject", "scanner", "age", "sex", "lesion_type")
+# Per-subject voxel AP and AUROC of lesion cohorts (subjects.csv).
+RANKING_COLUMNS = ("ap", "auroc")
 _TEXT_COLUMNS = ("subject_path", "subject", "dataset", "lesion_type", "scanner", "sex",
                  "best_key")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -96,7 +100,8 @@ class CohortResult:
   @functools.cached_property
   def subjects(self) -> pd.DataFrame:
     """`subjects.csv` with identifier columns, roles instead of FPR keys and, per role,
-    `fp_voxels@<role>`; one row per subject x postproc."""
+    `fp_voxels@<role>`; one row per subject x postproc. Lesion cohorts: `ap`, `auroc` (the
+    subject's voxel AP/AUROC; NaN in outputs written before they were stored)."""
     return _subject_rows(self)
 
   @functools.cached_property
@@ -236,14 +241,23 @@ def _cohort(directory: Path, doc: dict, run: str) -> CohortResult:
                       calibrated=_calibrated(doc))
 
 
+def _calibration_pairs(info: dict) -> list[dict]:
+  """The calibration pairs (key, fpr, thr, source, ...) an evaluation used: from its info,
+  else (older outputs) from the artifact next to its checkpoint, else none."""
+  recorded = info.get("calibration")
+  if recorded is not None:
+    return recorded.get("pairs") or []
+  checkpoint = info.get("checkpoint")
+  artifact = Path(checkpoint) / calibration.ARTIFACT_NAME if checkpoint else None
+  if artifact is not None and artifact.is_file():
+    return json.loads(artifact.read_text()).get("pairs", [])
+  return []
+
+
 def _calibrated(doc: dict) -> tuple[CalibratedThreshold, ...]:
   """The FPR keys of a result with their roles (see the module docstring)."""
   fpr = doc["thresholds"]["fpr"]
-  pairs = []
-  checkpoint = doc["info"].get("checkpoint")
-  artifact = Path(checkpoint) / calibration.ARTIFACT_NAME if checkpoint else None
-  if artifact is not None and artifact.is_file():
-    pairs = json.loads(artifact.read_text()).get("pairs", [])
+  pairs = _calibration_pairs(doc["info"])
   out = []
   for key, target, value in zip(fpr["keys"], fpr["targets"], fpr["thresholds"]):
     # A repeated key keeps the later pair's threshold (ThresholdSet.build): match the last.
@@ -284,6 +298,10 @@ def _subject_rows(c: CohortResult) -> pd.DataFrame:
   for k in META_COLUMNS:
     if k not in table.columns:
       table[k] = None
+  if c.mode == "lesion":
+    for k in RANKING_COLUMNS:   # outputs written before they were stored: unknown
+      if k not in table.columns:
+        table[k] = np.nan
   if "lesion_voxels_uncropped" in table.columns:
     size = table["lesion_voxels_uncropped"].astype(float).fillna(table["lesion_voxels"])
   else:

@@ -5,8 +5,11 @@ readable versions. Metrics (column `metric`, with `role` = 'best' or a calibrate
 role, see `load`):
 - `dice`: mean per-subject Dice at the cohort's best sweep threshold (role 'best', the paper's
   "Optimal"; the threshold is held fixed in the bootstrap) or at a calibrated threshold;
-- `auprc`, `auroc_voxel`: pooled over every voxel (results.json; no CI: the evaluation outputs
-  hold no per-subject ranking data);
+- `auprc`, `auroc_voxel`: pooled over every voxel of the cohort (results.json; the reference
+  protocol's AUPRC): one number per cohort, no CI, no strata;
+- `ap_mean`, `auroc_voxel_mean`: mean over subjects of each subject's own voxel AP / AUROC
+  (subjects with a lesion): per-subject values, so with a bootstrap CI and strata. Not the
+  pooled numbers above (every subject weighs the same, however large its lesion);
 - `auroc_subject`: subject score of the lesion cohort against the run's healthy cohorts;
 - `detection`: lesion-wise detection rate, Σ lesions hit / Σ lesions;
 - `fp_components`: false-positive connected components per volume;
@@ -36,9 +39,13 @@ FACTORS = (("scanner", "scanner", None), ("lesion_type", "lesion type", None),
 HEALTHY_FACTORS = ("scanner", "age_bin", "sex")
 ALL_LESION = "all lesion cohorts"
 ALL_HEALTHY = "all healthy cohorts"
-METRIC_LABELS = {"dice": "Dice", "auprc": "AUPRC", "auroc_voxel": "AUROC (voxels)",
-                 "auroc_subject": "AUROC (subjects)", "detection": "lesion detection",
+METRIC_LABELS = {"dice": "Dice", "auprc": "AUPRC (pooled)",
+                 "ap_mean": "AP (mean per subject)", "auroc_voxel": "voxel AUROC (pooled)",
+                 "auroc_voxel_mean": "voxel AUROC (mean per subject)",
+                 "auroc_subject": "subject AUROC", "detection": "lesion detection",
                  "fp_components": "FP components / volume", "fpr": "FPR"}
+# Per-subject ranking metrics (lesion cohorts; role ""): metric -> subjects.csv column.
+RANKING_METRICS = {"ap_mean": "ap", "auroc_voxel_mean": "auroc"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +78,8 @@ def add_strata(subjects: pd.DataFrame) -> pd.DataFrame:
 
 def per_subject_values(rows: pd.DataFrame, metric: str, role: str) -> np.ndarray:
   """Per-subject values of a metric (NaN where undefined)."""
+  if metric in RANKING_METRICS:
+    return rows[RANKING_METRICS[metric]].to_numpy(np.float64)
   if metric == "dice":
     return rows[f"dice_{role}" if role == "best" else f"dice@{role}"].to_numpy(np.float64)
   if metric == "detection":
@@ -119,6 +128,7 @@ def _metric_roles(cohort) -> list[tuple[str, str]]:
   roles = list(cohort.roles)
   if cohort.mode == "lesion":
     return ([("dice", "best")] + [("dice", r) for r in roles]
+            + [(m, "") for m in RANKING_METRICS]
             + [("detection", r) for r in roles] + [("fp_components", r) for r in roles]
             + [("fpr", r) for r in roles])
   return [("fpr", r) for r in roles] + [("fp_components", r) for r in roles]
@@ -142,11 +152,15 @@ def summary_table(cohorts, subjects: pd.DataFrame, options: Options) -> pd.DataF
           best = s.get("best_mean_dice")
           key, thr = (best["key"], best["threshold"]) if best else ("", math.nan)
         else:
-          key, thr = keys[role]
+          key, thr = keys.get(role, ("", math.nan))
+        est = estimate(mine, metric, role, options)
+        note = ("no per-subject value (outputs written before they were stored, or no "
+                "subject with a lesion)" if metric in RANKING_METRICS and not est["n"] else "")
         rows.append(dict(base, metric=metric, role=role, threshold_key=key, threshold=thr,
-                         note="", **estimate(mine, metric, role, options)))
+                         note=note, **est))
       if c.mode == "lesion":
-        note = "pooled voxels; no per-subject ranking data stored for a CI"
+        note = ("pooled over every voxel of the cohort (reference protocol): no CI; see the "
+                "mean per-subject values for CIs")
         for metric, value in (("auprc", s.get("auprc")), ("auroc_voxel", s.get("auroc"))):
           rows.append(dict(base, metric=metric, role="", threshold_key="", threshold=math.nan,
                            value=_num(value), ci_low=math.nan, ci_high=math.nan,
@@ -198,7 +212,8 @@ def bias_tables(cohorts, subjects: pd.DataFrame,
                 options: Options) -> tuple[pd.DataFrame, pd.DataFrame]:
   """(strata, tests): per-stratum metrics with CIs and the tests across strata.
 
-  Lesion scopes: Dice (best and calibrated) and lesion detection by scanner, lesion type,
+  Lesion scopes: Dice (best and calibrated), per-subject voxel AP and AUROC (`ap_mean`,
+  `auroc_voxel_mean`) and lesion detection by scanner, lesion type,
   size quartile, age bin and sex (plus Spearman vs age and lesion size); healthy scopes: FPR by
   scanner, age bin and sex (plus Spearman vs age). Holm correction within each family = one
   outcome (metric, role) in one scope of one run, postproc.
@@ -208,6 +223,7 @@ def bias_tables(cohorts, subjects: pd.DataFrame,
   for (run, modality, postproc), scope, rows, mode in _scopes(subjects):
     run_roles = roles[(run, modality)]
     outcomes = ([("dice", "best")] + [("dice", r) for r in run_roles]
+                + [(m, "") for m in RANKING_METRICS]
                 + [("detection", r) for r in run_roles]) if mode == "lesion" else [
                     ("fpr", r) for r in run_roles]
     factors = [f for f in FACTORS if mode == "lesion" or f[0] in HEALTHY_FACTORS]

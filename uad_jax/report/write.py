@@ -22,7 +22,7 @@ from uad_jax.report import load, stats, tables, tensorboard
 from uad_jax.report.html import figure_html, page, table_html
 from uad_jax.utils.atomic import atomic_path
 
-SEGMENTATION = ("dice", "auprc", "auroc_voxel", "auroc_subject")
+SEGMENTATION = ("dice", "auprc", "ap_mean", "auroc_voxel", "auroc_voxel_mean", "auroc_subject")
 DETECTION = ("detection", "fp_components", "fpr")
 HEALTHY = ("fpr", "fp_components")
 FIGURES_DIR = "figures"
@@ -117,13 +117,19 @@ def _write_figures(cohorts, subjects, summary, options, directory: Path) -> list
           "validation data (hatched; 'opt_thr' is the lesion-validation Dice-optimal one, the "
           "benchmark's 'Estimate'). Error bars: 95 % bootstrap CI over subjects.", "overview"))
   for modality in dict.fromkeys(c.modality for c in lesion):
-    add(figs.pr_sweep(cohorts, modality), figs.FigureFile(
-        f"precision_recall_{_slug(modality)}", f"Precision–recall at the sweep thresholds "
-        f"({modality})", "Pooled-voxel precision and recall of each lesion cohort at every "
-        "threshold of the sweep (the evaluation outputs store counts at these thresholds "
-        "only, so this samples the PR curve whose area is the AUPRC in the tables; it is not "
-        "the full curve). Star: the threshold of the best mean Dice.", "curves",
-        modality=modality))
+    older = sorted({c.cohort for c in lesion if c.modality == modality
+                    and not figs.has_curves(c)})
+    caveat = (f" Cohorts evaluated before the curves were stored ({', '.join(older)}) show "
+              "only their sweep points, joined by a thin line." if older else "")
+    add(figs.pr_curves(cohorts, modality), figs.FigureFile(
+        f"precision_recall_{_slug(modality)}", f"Precision–recall curves ({modality})",
+        "Pooled-voxel precision–recall curve of each lesion cohort, the curve whose area is "
+        "the pooled AUPRC (lower left; raw / median-filtered): exact points of the curve "
+        "(first point at every 0.5 % of recall, no interpolation) joined by lines. Dots: the "
+        "thresholds of the sweep, also points of the curve (between the stored points the "
+        "curve dips in a saw-tooth, so a dot can lie below the line); star: the threshold of "
+        "the best mean Dice." + caveat,
+        "curves", modality=modality))
   for run, modality in runs:
     add(figs.threshold_curves(cohorts, run, modality), figs.FigureFile(
         f"thresholds_{_slug(run, modality)}", f"{run} {modality}: Dice and FPR over the "
@@ -174,10 +180,14 @@ def _intro(cohorts, options) -> str:
       f"confidence intervals over subjects ({options.n_resamples} resamples, seed "
       f"{options.seed}). Dice @best uses each test cohort's best sweep threshold (an oracle, "
       "held fixed in the bootstrap); the calibrated thresholds come from healthy validation "
-      "data ('opt_thr': the lesion-validation Dice-optimal threshold). AUPRC and voxel AUROC "
-      "are pooled over all voxels as in the benchmark and have no CI or strata: the "
-      "evaluation outputs store no per-subject ranking data. Lesion detection = lesions hit "
-      "/ lesions; FPR = false-positive voxels / lesion-free brain voxels, pooled.</p>"
+      "data ('opt_thr': the lesion-validation Dice-optimal threshold). <i>AUPRC (pooled)</i> "
+      "and <i>voxel AUROC (pooled)</i> are computed over all voxels of a cohort pooled, as "
+      "the benchmark's AUPRC: one number per cohort, no CI or strata. <i>AP (mean per "
+      "subject)</i> and <i>voxel AUROC (mean per subject)</i> average each subject's own "
+      "voxel AP / AUROC (subjects with a lesion; every voxel of the volume): these have "
+      "bootstrap CIs and strata, and differ from the pooled numbers (every subject weighs "
+      "the same). Lesion detection = lesions hit / lesions; FPR = false-positive voxels / "
+      "lesion-free brain voxels, pooled.</p>"
       "<p class='note'>Bias analysis (our choices; the paper does not state its tests): "
       "Kruskal–Wallis (≥ 3 strata, effect size ε² = H/(n−1)) or two-sided Mann–Whitney U "
       "(2 strata, rank-biserial r = P(first &gt; second) − P(first &lt; second)) on "
