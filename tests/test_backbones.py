@@ -18,6 +18,7 @@ from uad_jax.networks import backbones as bb
 from uad_jax.networks.efficientnet import EfficientNet, EfficientNetConfig, make_divisible
 from uad_jax.networks.resnet import ResNet, ResNetConfig
 from uad_jax.tools import import_weights as iw
+from uad_jax.utils.checksum import file_sha256
 
 FIXTURES = load_area("backbones")
 V1_SHA = "95faca4d" + "0" * 56   # wide_resnet50_2 IMAGENET1K_V1 prefix (full digest unpublished)
@@ -283,7 +284,7 @@ def test_import_refuses_unknown_file_then_force_round_trips(tmp_path, reduced_wr
   assert json.loads((out / "backbone.json").read_text()) == sidecar
   assert sidecar["forced"] and not sidecar["paper_weights"]
   assert sidecar["torchvision_weights"] is None and sidecar["until"] == "layer3"
-  assert sidecar["source_sha256"] == bb.sha256_of(src)
+  assert sidecar["source_sha256"] == file_sha256(src)
   assert sidecar["num_tensors"] == 110
 
   module, variables, info = bb.load_backbone(backbone, out, ("layer2", "layer3"))

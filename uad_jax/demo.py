@@ -21,11 +21,11 @@ from configs import common
 from uad_jax.data import demo_cohort
 from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.data.lmdb_writer import write_slice_database
-from uad_jax.data.splits import file_sha256
 from uad_jax.engine import evaluate, trainer
 from uad_jax.engine.config import REPO_ROOT, load_config
 from uad_jax.evaluation.calibration import ARTIFACT_NAME
 from uad_jax.report import write_report
+from uad_jax.utils.checksum import file_sha256
 
 _OUT = flags.DEFINE_string("out", common.DEMO_ROOT, "output folder of the whole demo")
 _METHODS = flags.DEFINE_list("methods", ["andi"], "methods to run (their configs' demo preset)")

@@ -14,9 +14,10 @@ import numpy as np
 import tqdm
 
 from uad_jax.data import lmdb_format
-from uad_jax.data.splits import file_sha256, read_split
+from uad_jax.data.splits import read_split
 from uad_jax.data.volumes import load_volume
 from uad_jax.utils.atomic import atomic_path
+from uad_jax.utils.checksum import file_sha256
 
 DB_DIRNAME = "slices"
 _PAGE = 4096

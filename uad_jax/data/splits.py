@@ -7,7 +7,6 @@ values override participants.tsv. Metadata never changes which voxels are loaded
 
 import csv
 import dataclasses
-import hashlib
 import io
 import math
 import os
@@ -46,15 +45,6 @@ class SubjectRecord:
   subject: str
   modality: str | None
   meta: dict[str, Any]
-
-
-def file_sha256(path) -> str:
-  """Hex SHA-256 of a file's bytes (recorded in LMDB headers to identify the source CSV)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def subject_from_name(image_path) -> str:

@@ -18,7 +18,6 @@ the float64 repr (exact when read back and compared in float32, as the reference
 """
 
 import datetime
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,6 +29,7 @@ from uad_jax.evaluation import metrics
 from uad_jax.evaluation.histogram import SortedScores, ValueHistogram
 from uad_jax.evaluation.thresholds import fpr_key
 from uad_jax.utils.atomic import atomic_write_text
+from uad_jax.utils.checksum import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Calibrator:
         "n_voxels": self.n_voxels,
         "n_subjects": self.n_subjects,
         "validation_csv": None if csv is None else str(csv),
-        "validation_csv_sha256": None if csv is None else sha256_of(csv),
+        "validation_csv_sha256": None if csv is None else file_sha256(csv),
         "checkpoint_step": checkpoint_step,
         "method": method,
         "modality": modality,
@@ -144,14 +144,6 @@ class Calibrator:
     doc = self.artifact(fpr_targets, **kwargs)
     atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return path
-
-
-def sha256_of(path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def load_artifact(directory) -> dict:

@@ -10,7 +10,6 @@ for the caller to repeat in its log, TensorBoard and result files.
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -139,14 +138,6 @@ def abstract_variables(module: nn.Module) -> dict:
   """{'params', 'batch_stats'} of `module` as ShapeDtypeStructs (traced on an RGB probe)."""
   probe = jax.ShapeDtypeStruct((1, _PROBE_SIZE, _PROBE_SIZE, 3), jnp.float32)
   return dict(jax.eval_shape(module.init, jax.random.key(0), probe))
-
-
-def sha256_of(path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def import_command(backbone: Backbone, src: str = "FILE", out: str = "DIR") -> str:

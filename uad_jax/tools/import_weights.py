@@ -32,9 +32,10 @@ import numpy as np
 from uad_jax.convert.torchvision import torchvision_to_flax
 from uad_jax.convert.weight_files import read_state_dict
 from uad_jax.errors import DataError, UadError
+from uad_jax.utils.checksum import file_sha256
 from uad_jax.networks.backbones import (BACKBONES, REFERENCE_NAMES, Backbone,
                                         check_torchvision_hash, get_backbone,
-                                        save_backbone_weights, sha256_of)
+                                        save_backbone_weights)
 
 def import_weights(src, out, arch: "str | Backbone", *, until: str | None = None,
                    force: bool = False, prefix: str = "") -> dict:
@@ -45,7 +46,7 @@ def import_weights(src, out, arch: "str | Backbone", *, until: str | None = None
   backbone = get_backbone(arch)
   until = until or backbone.default_until
   module = backbone.module((until,))
-  file_sha = sha256_of(src)
+  file_sha = file_sha256(src)
   state, meta = read_state_dict(src)
   # A converted file vouches for its .pth source; otherwise the file itself is the source.
   tv_name = meta.get("source_file", src.name)
