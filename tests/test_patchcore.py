@@ -170,8 +170,9 @@ def test_adaptive_pool_matrix_bins_overlap_like_torch():
 
 # --- exact kNN -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_shards,chunk_rows,k", [(1, 2048, 1), (4, 5, 1), (3, 7, 3), (2, 64, 4)])
-def test_search_equals_brute_force(num_shards, chunk_rows, k):
+@pytest.mark.parametrize("num_shards,chunk_rows,k,query_tile", [
+    (1, 2048, 1, 8192), (4, 5, 1, 16), (3, 7, 3, 8192), (2, 64, 4, 7)])
+def test_search_equals_brute_force(num_shards, chunk_rows, k, query_tile):
   rng = np.random.default_rng(k + num_shards)
   bank = rng.normal(size=(53, 12)).astype(np.float32)
   queries = rng.normal(size=(40, 12)).astype(np.float32)
@@ -179,8 +180,8 @@ def test_search_equals_brute_force(num_shards, chunk_rows, k):
   layout = knn.layout_bank(bank, num_shards, chunk_rows)
   assert layout["rows"].shape[1] == num_shards
   assert np.isinf(layout["sq_norms"]).sum() == layout["sq_norms"].size - len(bank)
-  dist, index = jax.jit(knn.search, static_argnums=3)(queries, layout["rows"],
-                                                     layout["sq_norms"], k)
+  search = jax.jit(knn.search, static_argnames=("k", "query_tile"))
+  dist, index = search(queries, layout["rows"], layout["sq_norms"], k=k, query_tile=query_tile)
   d64 = ((queries[:, None].astype(np.float64) - bank[None]) ** 2).sum(-1)
   want = np.argsort(d64, axis=1, kind="stable")[:, :k]
   np.testing.assert_array_equal(np.asarray(index), want)

@@ -7,7 +7,8 @@ nearest. Sharding the `n_shards` axis over the mesh's `data` axis puts each devi
 the bank in its memory; the search scans the chunk axis (bounded (Q, chunk) distance blocks per
 device) and the final reduction over the shard axis is the cross-device min that XLA inserts.
 Distances use faiss' IndexFlatL2 expansion ‖q‖² − 2 q·b + ‖b‖², clamped at 0, with
-precision=HIGHEST (a TF32 matmul would change them, spec §7.7).
+precision=HIGHEST (a TF32 matmul would change them, spec §7.7). Queries are processed in tiles,
+so the working memory does not grow with the number of queries either.
 """
 
 import jax
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
-CHUNK_ROWS = 2048   # bank rows per distance block: (queries, CHUNK_ROWS) float32 at a time
+CHUNK_ROWS = 2048   # bank rows per distance block
+QUERY_TILE = 8192   # queries per distance block: at most QUERY_TILE x CHUNK_ROWS float32 (64 MB)
 
 
 def layout_bank(bank: np.ndarray, num_shards: int = 1, chunk_rows: int = CHUNK_ROWS) -> dict:
@@ -48,17 +50,30 @@ def sq_distances(queries, q_sq, rows, r_sq) -> jnp.ndarray:
 
 
 def search(queries: jnp.ndarray, rows: jnp.ndarray, sq_norms: jnp.ndarray, k: int = 1,
-           num_chunks=None):
+           num_chunks=None, query_tile: int = QUERY_TILE):
   """The k nearest bank rows of every query.
 
   queries: (Q, D) float32. rows, sq_norms: a `layout_bank` layout (any sharding of its shard
   axis). num_chunks: scan only the first `num_chunks` chunks (may be traced; default all).
+  query_tile: queries per distance block (more are processed tile by tile), so a distance
+  block never exceeds query_tile x chunk per shard.
   Returns (sq_dist (Q, k) float32 ascending, index (Q, k) int32 rows of the unpadded bank);
   ties go to the lower index.
   """
   rows, sq_norms = jnp.asarray(rows), jnp.asarray(sq_norms)
-  n_chunks, n_shards, chunk, _ = rows.shape
   q = jnp.asarray(queries, jnp.float32)
+  n = q.shape[0]
+  if n <= query_tile:
+    return _search_tile(q, rows, sq_norms, k, num_chunks)
+  tiles = -(-n // query_tile)
+  tile = -(-n // (tiles * 8)) * 8          # equal tiles, little padding
+  q = jnp.pad(q, ((0, tiles * tile - n), (0, 0))).reshape(tiles, tile, -1)
+  dist, index = jax.lax.map(lambda t: _search_tile(t, rows, sq_norms, k, num_chunks), q)
+  return dist.reshape(-1, k)[:n], index.reshape(-1, k)[:n]
+
+
+def _search_tile(q, rows, sq_norms, k, num_chunks):
+  n_chunks, n_shards, chunk, _ = rows.shape
   q_sq = sq_norm(q)
   shard_offset = jnp.arange(n_shards, dtype=jnp.int32)[:, None] * (n_chunks * chunk)
   best_d = jnp.full((n_shards, q.shape[0], k), jnp.inf, jnp.float32)
