@@ -62,7 +62,8 @@ from uad_jax.data.lmdb_writer import write_slice_database  # pylint: disable=wro
 from uad_jax.data.pipeline import make_train_iterator  # pylint: disable=wrong-import-position
 from uad_jax.engine import sharding  # pylint: disable=wrong-import-position
 from uad_jax.engine.config import load_config  # pylint: disable=wrong-import-position
-from uad_jax.methods import coreset, patchcore, patchcore_features  # pylint: disable=wrong-import-position
+from uad_jax.methods import (coreset, patchcore,  # pylint: disable=wrong-import-position
+                             patchcore_features)
 from uad_jax.utils.atomic import atomic_write_text  # pylint: disable=wrong-import-position
 
 FIT_SIZES = (1_000, 10_000)
@@ -183,8 +184,9 @@ def bank_building_and_scoring(config, cache: Path) -> None:
     bank_mb = p["coreset_size"] * (m.target_embed_dim + m.projection_dim) * 4 / 2**20
     device = f", device peak {r['device_peak_mb']:.0f} MB" if r["device_peak_mb"] else ""
     print(f"  {n:6d} slices: {p['num_descriptors']:9d} descriptors, K = {p['coreset_size']:6d}; "
-          f"{r['descriptors_per_s']:9.0f} descriptors/s ({n / (t['backbone_s'] + t['coreset_s']):6.1f}"
-          f" slices/s; backbone {t['backbone_s']:6.1f} s, coreset {t['coreset_s']:6.1f} s); "
+          f"{r['descriptors_per_s']:9.0f} descriptors/s "
+          f"({n / (t['backbone_s'] + t['coreset_s']):6.1f} slices/s; backbone "
+          f"{t['backbone_s']:6.1f} s, coreset {t['coreset_s']:6.1f} s); "
           f"peak anonymous memory {r['peak_anon_mb']:5.0f} MB (peak RSS {r['peak_rss_mb']:5.0f} MB "
           f"incl. file-backed, {r['file_rss_mb']:4.0f} MB at the end){device}; block buffer "
           f"{block_mb:.0f} MB, bank + selection {bank_mb:.0f} MB", flush=True)

@@ -21,7 +21,7 @@ def get_config(preset=None):
   config.model = m = ml_collections.ConfigDict()
   m.backbone = "wide_resnet50_2"      # reference name 'WideResNet50'
   m.layers = ("layer2", "layer3")
-  m.backbone_weights = ""             # directory written by `python -m uad_jax.tools.import_weights`
+  m.backbone_weights = ""             # directory of `python -m uad_jax.tools.import_weights`
   m.allow_random_backbone = False     # without weights: refuse (paper) or random init (demo)
   m.backbone_precision = "highest"    # 'highest' (float32) | 'default' (TF32 on recent GPUs)
   m.normalize = False                 # the reference feeds [0, 1] slices without ImageNet mean/std

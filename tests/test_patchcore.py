@@ -109,8 +109,9 @@ def _torch_bilinear(x, height, width):
     return i0, i1, src - i0
   y0, y1, ly = axis(height, x.shape[1])
   x0, x1, lx = axis(width, x.shape[2])
-  top = x[:, y0][:, :, x0] * (1 - lx)[None, None, :, None] + x[:, y0][:, :, x1] * lx[None, None, :, None]
-  bot = x[:, y1][:, :, x0] * (1 - lx)[None, None, :, None] + x[:, y1][:, :, x1] * lx[None, None, :, None]
+  wx = lx[None, None, :, None]
+  top = x[:, y0][:, :, x0] * (1 - wx) + x[:, y0][:, :, x1] * wx
+  bot = x[:, y1][:, :, x0] * (1 - wx) + x[:, y1][:, :, x1] * wx
   return top * (1 - ly)[None, :, None, None] + bot * ly[None, :, None, None]
 
 
@@ -131,7 +132,8 @@ def _literal_aggregate(taps, k, stride, pre, target):
     u = np.empty((b, gh, gw, c, k, k))
     for i in range(gh):
       for j in range(gw):
-        u[:, i, j] = fp[:, i * stride:i * stride + k, j * stride:j * stride + k].transpose(0, 3, 1, 2)
+        window = fp[:, i * stride:i * stride + k, j * stride:j * stride + k]
+        u[:, i, j] = window.transpose(0, 3, 1, 2)
     layers.append(u.reshape(b, gh, gw, c * k * k))
   gh, gw = layers[0].shape[1:3]
   pooled = [_adaptive_avg_pool(_torch_bilinear(u, gh, gw), pre) for u in layers]
@@ -157,8 +159,8 @@ def test_aggregation_equals_literal_unfold_and_pooling(case):
                                 target_dim=target))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   if closed:   # the general path computes the same
-    general = np.asarray(pf._general(taps, k, stride, pre, target))  # pylint: disable=protected-access
-    np.testing.assert_allclose(general, want, rtol=1e-5, atol=1e-6)
+    general = pf._general(taps, k, stride, pre, target)  # pylint: disable=protected-access
+    np.testing.assert_allclose(np.asarray(general), want, rtol=1e-5, atol=1e-6)
 
 
 def test_adaptive_pool_matrix_bins_overlap_like_torch():
