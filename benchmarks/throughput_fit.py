@@ -5,11 +5,11 @@
 
 Prints:
 1. bank building from 1,000 and 10,000 training slices, each in a fresh process: descriptors/s,
-   backbone and coreset seconds, K, and the peak anonymous memory (sampled every 20 ms), which
-   must stay flat as the slice count grows (the streaming coreset holds one block and the
-   selection); the peak RSS also counts file-backed pages (shared libraries, and the pages of
-   the memory-mapped LMDB read so far, which grow with the slices read and which the kernel
-   drops under pressure);
+   seconds for the descriptors (read + backbone + aggregation) and the coreset, K, and the peak
+   anonymous memory (sampled every 20 ms), which must stay flat as the slice count grows (the
+   streaming coreset holds one block and the selection); the peak RSS also counts file-backed
+   pages (shared libraries, and the pages of the memory-mapped LMDB read so far, which grow
+   with the slices read and which the kernel drops under pressure);
 2. scoring: slices/s of `score_slices` on `eval.split_size` slices against the 10,000-slice
    bank (in that bank's process), and the shares of backbone + aggregation vs search;
 3. coverage radius of the streaming coreset against the reference's one-shot greedy on a set
@@ -21,9 +21,9 @@ weights the backbone is random (figures do not depend on the weights).
 Measured 2026-11-26 on the shared 2-core CPU (jax 0.10.2), `configs/patchcore.py:demo`
 (random resnet18 to layer3, 112², 196 descriptors of 256-d per slice, batch 32, blocks of 256
 slices, p = 0.01; the 10,000 slices are the demo's 2,226 training slices repeated 5x):
-  1,000 slices:  K = 1,960;  28,000 descriptors/s (143 slices/s; backbone 3.5 s, coreset 3.5 s);
+  1,000 slices:  K = 1,960;  28,000 descriptors/s (143 slices/s; descriptors 3.5 s, coreset 3.5 s);
                  peak anonymous memory 596 MB (peak RSS 1,214 MB incl. file-backed pages)
-  10,000 slices: K = 19,600; 16,000 descriptors/s (82 slices/s; backbone 32 s, coreset 90 s);
+  10,000 slices: K = 19,600; 16,000 descriptors/s (82 slices/s; descriptors 32 s, coreset 90 s);
                  peak anonymous memory 696 MB (peak RSS 1,475 MB): +100 MB for 10x the slices,
                  of which 26 MB are the larger bank and selection and the rest malloc arenas
                  (malloc_trim after the build returns to below the 1,000-slice level). The
@@ -185,8 +185,8 @@ def bank_building_and_scoring(config, cache: Path) -> None:
     device = f", device peak {r['device_peak_mb']:.0f} MB" if r["device_peak_mb"] else ""
     print(f"  {n:6d} slices: {p['num_descriptors']:9d} descriptors, K = {p['coreset_size']:6d}; "
           f"{r['descriptors_per_s']:9.0f} descriptors/s "
-          f"({n / (t['backbone_s'] + t['coreset_s']):6.1f} slices/s; backbone "
-          f"{t['backbone_s']:6.1f} s, coreset {t['coreset_s']:6.1f} s); "
+          f"({n / (t['descriptors_s'] + t['coreset_s']):6.1f} slices/s; descriptors "
+          f"{t['descriptors_s']:6.1f} s, coreset {t['coreset_s']:6.1f} s); "
           f"peak anonymous memory {r['peak_anon_mb']:5.0f} MB (peak RSS {r['peak_rss_mb']:5.0f} MB "
           f"incl. file-backed, {r['file_rss_mb']:4.0f} MB at the end){device}; block buffer "
           f"{block_mb:.0f} MB, bank + selection {bank_mb:.0f} MB", flush=True)

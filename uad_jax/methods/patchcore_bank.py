@@ -121,7 +121,7 @@ def build(config, lmdb_path, mesh, rng: jax.Array, writer, workdir):
                             replace=False).astype(jnp.int32)
   selection = coreset.empty_selection(p["coreset_size"], projection.shape[0], dim)
   fingerprint = {"seed": config.seed, "lmdb": str(Path(lmdb_path).resolve()),
-                 "plan": {k: v for k, v in p.items()}}
+                 "plan": dict(p)}
   log.info("PatchCore bank: %d of %d training slices, %d descriptors of %d-d, K=%d, %d blocks "
            "of %d slices", p["train_slices"], p["database_slices"], p["num_descriptors"], dim,
            p["coreset_size"], len(p["block_budgets"]), p["block_slices"])
@@ -136,7 +136,7 @@ def build(config, lmdb_path, mesh, rng: jax.Array, writer, workdir):
   select = jax.jit(coreset.select_from_block, donate_argnums=(0,))
   variables = sharding.replicate(variables, mesh)
 
-  blocks_done, radii, timings = 0, [], {"backbone_s": 0.0, "coreset_s": 0.0}
+  blocks_done, radii, timings = 0, [], {"descriptors_s": 0.0, "coreset_s": 0.0}
   resumed = fit_state.restore(
       {"selection": selection, "projection": projection, "start_indices": start}, fingerprint)
   if resumed is not None:
@@ -165,7 +165,7 @@ def build(config, lmdb_path, mesh, rng: jax.Array, writer, workdir):
                                     valid * h * w, p["block_budgets"][j], start)
       radii.append(float(radius))
       t2 = time.perf_counter()
-      timings["backbone_s"] += t1 - t0
+      timings["descriptors_s"] += t1 - t0   # read + backbone + aggregation
       timings["coreset_s"] += t2 - t1
       bar.update(valid)
       writer.scalars(j + 1, {"fit/descriptors_per_s": valid * h * w / (t2 - t0),
@@ -202,11 +202,11 @@ def build(config, lmdb_path, mesh, rng: jax.Array, writer, workdir):
                   "start_indices": np.asarray(start).tolist(),
                   "coverage_radius_bound": max(radii), "block_radii": radii},
       "timings": timings,
-      "descriptors_per_s": p["num_descriptors"] / max(timings["backbone_s"]
+      "descriptors_per_s": p["num_descriptors"] / max(timings["descriptors_s"]
                                                       + timings["coreset_s"], 1e-9),
   }
-  log.info("PatchCore bank: K=%d rows in %.1f s (backbone %.1f s, coreset %.1f s); coverage "
-           "radius <= %.4g (projected)", k, timings["total_s"], timings["backbone_s"],
+  log.info("PatchCore bank: K=%d rows in %.1f s (descriptors %.1f s, coreset %.1f s); coverage "
+           "radius <= %.4g (projected)", k, timings["total_s"], timings["descriptors_s"],
            timings["coreset_s"], max(radii))
   state = {"backbone": variables, "bank": bank, "projection": projection,
            "start_indices": start}
