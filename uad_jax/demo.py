@@ -1,10 +1,10 @@
 """The quickstart's main job: the bundled demo cohort, end to end.
 
-  python -m uad_jax.demo [--out demo] [--methods andi] [--modality T1w]
+  python -m uad_jax.demo [--out demo] [--methods andi,patchcore] [--modality T1w]
 
 1. generates the synthetic demo cohort (`uad_jax.data.demo_cohort`) in `<out>/cohort`;
 2. builds the training slice database (`<out>/lmdb/train_<modality>`);
-3. per method: trains its `demo` preset (`<out>/runs/<method>_<modality>`), calibrates the
+3. per method (ANDi and PatchCore): trains its `demo` preset (`<out>/runs/<method>_<modality>`), calibrates the
    thresholds on the validation cohorts and evaluates every test cohort;
 4. writes the results report (`<out>/report`) and prints where it is.
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from configs import common
+from uad_jax import methods
 from uad_jax.data import demo_cohort
 from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.data.lmdb_writer import write_slice_database
@@ -28,7 +29,8 @@ from uad_jax.report import write_report
 from uad_jax.utils.checksum import file_sha256
 
 _OUT = flags.DEFINE_string("out", common.DEMO_ROOT, "output folder of the whole demo")
-_METHODS = flags.DEFINE_list("methods", ["andi"], "methods to run (their configs' demo preset)")
+_METHODS = flags.DEFINE_list("methods", ["andi", "patchcore"],
+                             "methods to run (their configs' demo preset)")
 _MODALITY = flags.DEFINE_enum("modality", "T1w", ["T1w", "T2w"], "contrast to train on")
 
 
@@ -48,7 +50,9 @@ def run_method(method: str, root: Path, modality: str) -> Path:
   config.data.modality = modality
   common.use_demo_cohort(config, str(root))
   workdir = root / "runs" / f"{method}_{modality}"
-  print(f"\n== {method}: training ({config.training.n_iters} steps) in {workdir}")
+  what = ("building its memory bank" if methods.kind(methods.get_method(method)) == "fit"
+          else f"training ({config.training.n_iters} steps)")
+  print(f"\n== {method}: {what} in {workdir}")
   trainer.train(config, workdir)
   step_dir = max((workdir / "checkpoints").iterdir(), key=lambda p: int(p.name))
   if not (step_dir / ARTIFACT_NAME).is_file():

@@ -84,6 +84,8 @@ class _Run:
     self.info = {"method": config.method, "modality": config.data.modality,
                  "checkpoint_step": self.step, "checkpoint": str(self.step_dir),
                  "warnings": list(self.meta.get("warnings", []))}
+    for w in self.info["warnings"]:
+      log.warning("checkpoint %s: %s", self.step_dir, w)
 
   def score_cohort(self, csv, *, lesion: bool, consume, examples_dir: Path | None = None,
                    writer=None, tag: str = ""):
@@ -162,7 +164,7 @@ def calibrate(config, ckpt, step: int | None = None) -> Path:
     return run.step_dir / evaluation.calibration.ARTIFACT_NAME
   path = calibrator.write(run.step_dir, config.eval.fpr_targets, lesion_result=lesion_result,
                           validation_csv=csv, checkpoint_step=run.step, method=config.method,
-                          modality=config.data.modality)
+                          modality=config.data.modality, warnings=run.info["warnings"])
   print(f"calibrated thresholds written to {path}")
   for p in json.loads(path.read_text())["pairs"]:
     print(f"  {p['key']:>14}: threshold {p['thr']:.6g} ({p['source']}, "
@@ -205,6 +207,8 @@ def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
       if tmp:
         evaluation.write_outputs(results[name], tmp,
                                  f"{config.method}_{config.data.modality}_{name}")
+        if run.info["warnings"]:   # beside the reference-format CSVs, which have no room for it
+          atomic_write_text(tmp / "WARNINGS.txt", "\n".join(run.info["warnings"]) + "\n")
   writer.close()
   if jax.process_index() == 0:
     table = summary_table(results)
@@ -226,11 +230,14 @@ def _output_dir(path: Path):
 
 
 def summary_table(results: dict) -> str:
-  """Markdown table: per cohort the headline metrics of raw and median-filtered maps."""
+  """Markdown table: per cohort the headline metrics of raw and median-filtered maps, after
+  the run's warnings (e.g. random backbone weights)."""
   fpr_keys = next(iter(results.values())).thresholds.fpr_keys
   head = ["cohort", "mode", "n", "maps", "best Dice (thr)"] + [
       f"Dice/FPR @{k}" for k in fpr_keys] + ["AUPRC", "AUROC"]
-  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  warnings = sorted({w for r in results.values() for w in r.info.get("warnings", [])})
+  rows = [f"> **WARNING:** {w}\n" for w in warnings]
+  rows += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.4f}"
   for name, r in results.items():
     for p in ("raw", "mf"):

@@ -93,9 +93,11 @@ class Calibrator:
     return float(metrics.round_fpr(fp, counts.sum()))
 
   def artifact(self, fpr_targets, *, lesion_result=None, postproc: str = "raw",
-               validation_csv=None, checkpoint_step=None, method=None, modality=None) -> dict:
+               validation_csv=None, checkpoint_step=None, method=None, modality=None,
+               warnings=()) -> dict:
     """The calibration document (see the module docstring).
 
+    warnings: caveats of the scored model (e.g. random backbone weights), kept in the document.
     lesion_result: the `EvaluationResult` of the lesion-validation cohort (lesion mode); its
     best sweep key of the mean Dice (`postproc` maps) is `opt_thr`, and the healthy FPR of
     `opt_thr` names its key, as in the reference's configs (spec §6).
@@ -135,6 +137,7 @@ class Calibrator:
         "checkpoint_step": checkpoint_step,
         "method": method,
         "modality": modality,
+        "warnings": list(warnings),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
