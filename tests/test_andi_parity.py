@@ -150,7 +150,6 @@ def check_andi_score(fx):
       assert zero_mismatch.sum() <= 5, f"{name}: {zero_mismatch.sum()} pixels differ in zero-ness"
       value, ref = value[~zero_mismatch], ref[~zero_mismatch]
     np.testing.assert_allclose(value, ref, err_msg=name, **tolerances.get(name, fx.tolerance))
-  assert (np.asarray(maps) == 0).sum() == (fx.outputs["score"] == 0).sum()
 
 
 CHECKS = {
