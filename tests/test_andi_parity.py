@@ -125,10 +125,10 @@ def check_andi_score(fx):
   t, _, _ = andi.score_times(config)
   logsnr = schedule.logsnr_schedule(config.diffusion, config.data.image_size)
   alpha, sigma = schedule.alpha_sigma(logsnr(t))
-  z_t = alpha[:, None, None, None, None] * (2.0 * images - 1.0) + sigma[:, None, None, None,
-                                                                         None] * noise
-  ours = {"t": t, "z_t": nchw(z_t), "results": np.moveaxis(np.asarray(per_step_d), 0, 1)[:, :, None],
-          "score": np.asarray(maps)[:, None]}
+  per_step = (slice(None),) + (None,) * 4
+  z_t = alpha[per_step] * (2.0 * images - 1.0) + sigma[per_step] * noise
+  ours = {"t": t, "z_t": nchw(z_t), "score": np.asarray(maps)[:, None],
+          "results": np.moveaxis(np.asarray(per_step_d), 0, 1)[:, :, None]}
   # Network check on the reference's own z_t (isolates the network from the noising).
   ref_z = nhwc(fx.outputs["z_t"])
   apply = jax.jit(jax.vmap(lambda z, ti: model.apply({"params": params}, z,

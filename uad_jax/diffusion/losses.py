@@ -1,4 +1,4 @@
-"""Training loss of the v-prediction diffusion models (reference `models/ANDi/diffusion.py::vpred_loss`)."""
+"""Training loss of the v-prediction diffusion models (`models/ANDi/diffusion.py::vpred_loss`)."""
 
 from typing import Callable
 

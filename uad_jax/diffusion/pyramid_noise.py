@@ -1,4 +1,4 @@
-"""Pyramid (multi-resolution) noise of ANDi training (reference `utils/helpers.py::pyramid_noise_like`).
+"""Pyramid (multi-resolution) noise of ANDi training (`utils/helpers.py::pyramid_noise_like`).
 
 Reference algorithm (spec `methods/andi.md` §2.4), for a (B, S, S, C) tensor:
 

@@ -68,7 +68,7 @@ def ancestral_sample(model_fn: ModelFn, logsnr_fn: LogsnrFn, noise_fn: NoiseFn, 
 
 def ddim_sample(model_fn: ModelFn, logsnr_fn: LogsnrFn, noise_fn: NoiseFn, key: jax.Array,
                 shape: tuple, num_steps: int) -> jnp.ndarray:
-  """Deterministic DDIM: z_s = α_s x̂ + σ_s ε̂ with ε̂ = σ_t z + α_t v̂ (noise only in the prior)."""
+  """Deterministic DDIM: z_s = α_s x̂ + σ_s ε̂, ε̂ = σ_t z + α_t v̂ (noise only in the prior)."""
 
   def step(z, pair):
     t, s, _ = pair

@@ -29,7 +29,7 @@ def logsnr_cosine_shifted(t, logsnr_min: float = -15.0, logsnr_max: float = 15.0
   image_d is the model input size (config.data.image_size); noise_d = 56 is a constructor
   default of the reference. λ(0) = 12.227411, λ(1) = -17.772577 at image_d = 224.
   """
-  return logsnr_cosine(t, logsnr_min, logsnr_max) + 2.0 * np.log(noise_d / image_d)
+  return logsnr_cosine(t, logsnr_min, logsnr_max) + float(2.0 * np.log(noise_d / image_d))
 
 
 def logsnr_classic(t) -> jnp.ndarray:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+SQRT2 = float(np.sqrt(2.0))  # a Python float stays weakly typed: no promotion under x64
 
 # `default_init` of the reference: variance scaling 1, fan_avg, uniform (= Glorot-uniform). The
 # fans of a Flax (kh, kw, I, O) kernel equal those of the torch (O, I, kh, kw) weight.
@@ -181,7 +182,7 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_positions: float = 10000.0)
   so most features are nearly constant; kept on purpose, spec §4 item 3). Returns (B, dim) f32.
   """
   half = dim // 2
-  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(np.log(max_positions) / (half - 1)))
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -float(np.log(max_positions) / (half - 1)))
   args = t.astype(jnp.float32)[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
 
@@ -223,7 +224,7 @@ class ResBlock(nn.Module):
       h, x = avg_pool_2x2(h), avg_pool_2x2(x)
     h = Conv3x3(self.c_out, weight_grad=self.conv_weight_grad, dtype=self.dtype, name="Conv_0")(h)
     if self.mode == "up":
-      h, x = nearest_up_2x(h), nearest_up_2x(x)
+      h = nearest_up_2x(h)
     h = GroupNorm(dtype=self.dtype, name="GN_1")(h)
     if temb is not None:
       emb = nn.Dense(2 * self.c_out, dtype=self.dtype, kernel_init=default_init,
@@ -235,8 +236,12 @@ class ResBlock(nn.Module):
                 name="Conv_1")(h)
     if c_in != self.c_out or self.mode != "plain":
       x = Conv1x1(self.c_out, self.dtype, name="Conv_2")(x)
+    if self.mode == "up":
+      # The reference upsamples x before Conv_2; a pointwise convolution commutes exactly with
+      # nearest upsampling, so it runs at the low resolution (same values, 4x fewer FLOPs).
+      x = nearest_up_2x(x)
     out = x + h
-    return out / np.sqrt(2.0) if self.rescale else out
+    return out / SQRT2 if self.rescale else out
 
 
 class CausalSelfAttention(nn.Module):
@@ -268,4 +273,4 @@ class CausalSelfAttention(nn.Module):
                  name="Dense_out")(a.reshape(b, hgt * wid, c))
     a = nn.Dropout(self.dropout, deterministic=not train)(a).reshape(b, hgt, wid, c)
     out = x + a
-    return out / np.sqrt(2.0) if self.rescale else out
+    return out / SQRT2 if self.rescale else out
