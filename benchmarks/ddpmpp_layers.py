@@ -13,12 +13,16 @@ conv weight gradient, and with everything adopted (the default on one CPU device
 Measured 2026-11-26, 2-core AMD EPYC (AVX-512), jax 0.10.2, batch 4, 224², slices/s
 (`--part network` takes about 4 minutes, `--part layers` about 1.5):
   PyTorch reference (spec platform.md):       forward 3.84, training 1.31
-  straightforward Flax layers:                forward 6.12, training 1.59 (bfloat16 6.50 / 1.65)
+  straightforward Flax layers:                forward 5.7-6.1, training 1.6-1.7
+                                              (bfloat16 6.50 / 1.65)
   + GroupNorm from per-channel sums and
-    1×1 convolutions as dots:                 forward 9.74, training 2.07 (bfloat16 9.45 / 2.01)
+    1×1 convolutions as dots:                 forward 8.8-9.7, training 2.07-2.13
+                                              (bfloat16 9.45 / 2.01)
   + row-blocked im2col weight gradient of
-    the 224² 3×3 convolutions (the default):  forward 9.46, training 2.35 (bfloat16 9.30 / 2.18)
-  i.e. 2.5x the reference's forward and 1.8x its training throughput; bfloat16 is not faster.
+    the 224² 3×3 convolutions (the default):  forward 9.1-9.5, training 2.35-2.44
+                                              (bfloat16 9.30 / 2.18)
+  i.e. about 2.4x the reference's forward and 1.8x its training throughput (two runs);
+  bfloat16 compute is not faster on this CPU.
   Per layer (fwd+bwd ms): 3×3 conv 32→32 at 224² 82 -> 66 (its weight gradient alone 50 -> 26),
   64→32 182 -> 125; 1×1 conv 64→32 at 224² 89 -> 60; GroupNorm+SiLU 32 ch at 224² 42 -> 21.
   Tried and rejected: the row-block weight gradient at 112² and below or with 1 channel (slower
