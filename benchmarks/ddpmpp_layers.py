@@ -11,7 +11,7 @@ slices/s of the whole network with the straightforward layers, with the adopted 
 conv weight gradient, and with everything adopted (the default on one CPU device).
 
 Measured 2026-11-26, 2-core AMD EPYC (AVX-512), jax 0.10.2, batch 4, 224², slices/s
-(`--part network` takes about 4 minutes, `--part layers` about 1.5):
+(`--part network` takes about 3 minutes, 8 with `--bf16`; `--part layers` about 1.5):
   PyTorch reference (spec platform.md):       forward 3.84, training 1.31
   straightforward Flax layers:                forward 5.7-6.1, training 1.6-1.7
                                               (bfloat16 6.50 / 1.65)
