@@ -33,6 +33,7 @@ def get_config(preset=None):
   m.vpred = True
   m.ema_rate = 0.9999
   m.num_channels = 1
+  m.conv_weight_grad = "auto"  # 3x3 weight gradients in row blocks on one CPU device (faster)
 
   config.diffusion = d = ml_collections.ConfigDict()
   d.num_latents = 1000
