@@ -65,5 +65,9 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   m_step, m_state, m_data = _final_state(multi)
   assert s_step == m_step == 3
   assert set(m_data) == {"process_0", "process_1"}   # each process's data position is saved
+  # Same global batches and keys; the gradient all-reduce (gloo across processes vs in-process)
+  # sums in another order. Adam normalises the update to about lr = 1e-4 per step whatever the
+  # gradient's size, so for parameters with tiny gradients a rounding difference moves the
+  # update by a fraction of lr: allow 1 % of one step.
   for a, b in zip(jax.tree.leaves(s_state), jax.tree.leaves(m_state)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
