@@ -24,15 +24,21 @@ def tiny_cohort(root: Path) -> dict:
   return csvs
 
 
-def tiny_config(cohort: dict, **training):
-  """configs/andi.py:tiny pointed at `cohort`; `training` overrides config.training."""
-  config = load_config(str(REPO_ROOT / "configs" / "andi.py") + ":tiny")
+def cohort_config(method: str, cohort: dict, preset: str = "tiny"):
+  """configs/<method>.py:<preset> pointed at the tiny `cohort` (two test cohorts)."""
+  config = load_config(str(REPO_ROOT / "configs" / f"{method}.py") + f":{preset}")
   config.data.train_lmdb = str(cohort["lmdb"])
   config.eval.val_healthy_csv = str(cohort["val_healthy"])
   config.eval.val_lesion_csv = str(cohort["val_lesion"])
   with config.unlocked():
     config.eval.cohorts["healthy"] = common.cohort(str(cohort["test_healthy"]), lesion=False)
     config.eval.cohorts["lesion"] = common.cohort(str(cohort["test_lesion"]), lesion=True)
+  return config
+
+
+def tiny_config(cohort: dict, **training):
+  """configs/andi.py:tiny pointed at `cohort`; `training` overrides config.training."""
+  config = cohort_config("andi", cohort)
   for k, v in training.items():
     config.training[k] = v
   return config

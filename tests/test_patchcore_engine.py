@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from configs import common
-from engine_helpers import tiny_cohort
+from engine_helpers import cohort_config, tiny_cohort
 from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.engine import checkpoints, evaluate, sharding, trainer
-from uad_jax.engine.config import REPO_ROOT, load_config
+from uad_jax.engine.config import REPO_ROOT
 from uad_jax.errors import ConfigError
 from uad_jax.methods import coreset, patchcore, patchcore_bank
 
@@ -29,13 +28,7 @@ def cohort(tmp_path_factory):
 
 
 def _config(cohort, preset="tiny", **model):
-  config = load_config(str(REPO_ROOT / "configs" / "patchcore.py") + f":{preset}")
-  config.data.train_lmdb = str(cohort["lmdb"])
-  config.eval.val_healthy_csv = str(cohort["val_healthy"])
-  config.eval.val_lesion_csv = str(cohort["val_lesion"])
-  with config.unlocked():
-    config.eval.cohorts["healthy"] = common.cohort(str(cohort["test_healthy"]), lesion=False)
-    config.eval.cohorts["lesion"] = common.cohort(str(cohort["test_lesion"]), lesion=True)
+  config = cohort_config("patchcore", cohort, preset)
   for k, v in model.items():
     config.model[k] = v
   return config

@@ -27,8 +27,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from uad_jax.convert.torchvision import torchvision_to_flax
 from uad_jax.convert.weight_files import read_state_dict
 from uad_jax.errors import DataError, UadError
