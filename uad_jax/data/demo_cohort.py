@@ -2,7 +2,7 @@
 
   python -m uad_jax.data.demo_cohort --out DIR [--seed 0] [--geometry demo|paper] [--scale 1]
 
-Design: /work/shared/spec/demo_cohort.md. Anatomy comes from nilearn's MNI152 template
+Design: the project spec `demo_cohort.md`. Anatomy comes from nilearn's MNI152 template
 (synth_anatomy.py), contrasts from tissue maps (synth_contrast.py), lesions with ground-truth
 masks (synth_lesions.py) and per-site acquisition recipes (synth_scanners.py). The output is
 deterministic for a seed (byte-identical files) and written atomically:
