@@ -4,7 +4,8 @@
   `Conv2d(padding=k // 2)`: Flax's 'SAME' pads stride-2 layers asymmetrically ((0, 1) for a
   3x3 conv on an even input) and shifts every feature map by a pixel.
 * BatchNorm always uses the running statistics (backbones are frozen feature extractors) with
-  torchvision's epsilon; momentum is irrelevant in inference mode.
+  torchvision's epsilon: the project's torch-semantics BatchNorm (`uad_jax/ops/batchnorm.py`)
+  fixed to eval mode.
 * Kernels are initialised like torchvision (`kaiming_normal_(mode='fan_out')`, gain sqrt(2)),
   which only matters for the demo preset's random backbone.
 """
@@ -12,6 +13,8 @@
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from uad_jax.ops.batchnorm import BatchNorm
 
 # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), untruncated.
 TORCHVISION_CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -27,7 +30,6 @@ def conv(features: int, kernel: int, stride: int = 1, *, groups: int = 1, use_bi
                  kernel_init=TORCHVISION_CONV_INIT, name=name)
 
 
-def batch_norm(epsilon: float, *, dtype=jnp.float32, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(epsilon: float, *, dtype=jnp.float32, name: str | None = None) -> BatchNorm:
   """Inference-mode BatchNorm: (x - mean) / sqrt(var + eps) * scale + bias, running stats."""
-  return nn.BatchNorm(use_running_average=True, epsilon=epsilon, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return BatchNorm(use_running_average=True, epsilon=epsilon, dtype=dtype, name=name)

@@ -1,0 +1,1 @@
+"""Numerical ops shared by several methods (SSIM, GMS, resize, transposed conv, BatchNorm)."""
