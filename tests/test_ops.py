@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ops_checks
+from reference_fixtures import load_area
+from uad_jax.ops import ssim
 from uad_jax.ops.batchnorm import BatchNorm
+
+# Fixture kinds of the shared ops, checked by `ops_checks.check_<kind>`.
+OP_KINDS = ("ssim_train_loss", "ssim_eval_map")
 
 
 def _rng(seed=0):
@@ -66,3 +72,64 @@ def test_batchnorm_rejects_one_value_per_channel():
   x = jnp.ones((1, 1, 1, 2))
   with pytest.raises(ValueError, match="more than 1 value"):
     bn.init(jax.random.key(0), x, use_running_average=False)
+
+
+# --- SSIM --------------------------------------------------------------------------------------
+
+def _numpy_ssim(x, y, window, padding):
+  """float64 SSIM map by direct 2-D windowed sums (B, H, W, C); 'same' zero-pads window // 2."""
+  i = np.arange(window)
+  g = np.exp(-(i - window // 2) ** 2 / (2 * 1.5 ** 2))
+  w2 = np.outer(g, g) / np.outer(g, g).sum()
+  x, y = x.astype(np.float64), y.astype(np.float64)
+  if padding == "same":
+    p = ((0, 0), (window // 2,) * 2, (window // 2,) * 2, (0, 0))
+    x, y = np.pad(x, p), np.pad(y, p)
+  h, w = x.shape[1] - window + 1, x.shape[2] - window + 1
+
+  def mean(a):
+    return sum(w2[dy, dx] * a[:, dy:dy + h, dx:dx + w] for dy in range(window)
+               for dx in range(window))
+
+  mx, my = mean(x), mean(y)
+  sxx, syy, sxy = mean(x * x) - mx ** 2, mean(y * y) - my ** 2, mean(x * y) - mx * my
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  return (2 * mx * my + c1) * (2 * sxy + c2) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+
+
+@pytest.mark.parametrize("window,padding", [(11, "valid"), (5, "valid"), (11, "same"),
+                                            (5, "same")])
+def test_ssim_map_matches_numpy(window, padding):
+  x = _rng().uniform(size=(2, 20, 18, 3)).astype(np.float32)
+  y = np.clip(x + _rng(1).normal(0, 0.1, x.shape), 0, 1).astype(np.float32)
+  ours = ssim.ssim_map(x, y, window=window, padding=padding)
+  expected = _numpy_ssim(x, y, window, padding)
+  assert ours.shape == expected.shape
+  np.testing.assert_allclose(ours, expected, atol=2e-6)
+  np.testing.assert_allclose(ssim.ssim_loss(x, y, window=window, padding=padding),
+                             1 - expected.mean(), atol=1e-6)
+
+
+def test_ssim_window_and_identity():
+  np.testing.assert_allclose(ssim.gaussian_window(5),
+                             [0.12007838, 0.23388074, 0.29208170, 0.23388074, 0.12007838],
+                             rtol=1e-6)
+  x = _rng().uniform(size=(1, 16, 16, 2)).astype(np.float32)
+  np.testing.assert_allclose(ssim.ssim_map(x, x, window=5, padding="valid"), 1.0, atol=1e-5)
+  with pytest.raises(ValueError, match="padding"):
+    ssim.ssim_map(x, x, window=5, padding="reflect")
+
+
+# --- Reference op fixtures ---------------------------------------------------------------------
+
+OP_FIXTURES = [fx for area in ("riad", "fae") for fx in load_area(area)
+               if fx.kind in OP_KINDS]
+
+
+@pytest.mark.parametrize("fx", OP_FIXTURES, ids=repr)
+def test_op_fixture(fx):
+  getattr(ops_checks, f"check_{fx.kind}")(fx)
+
+
+def test_every_op_kind_has_a_fixture():
+  assert {fx.kind for fx in OP_FIXTURES} == set(OP_KINDS)
