@@ -4,9 +4,10 @@ Method area tests (riad, fae, ...) dispatch these kinds here; `test_ops.py` runs
 op fixture. Fixture arrays are NCHW; the ops take NHWC.
 """
 
+import jax.numpy as jnp
 import numpy as np
 
-from uad_jax.ops import ssim
+from uad_jax.ops import gms, resize, ssim
 
 
 def nhwc(a: np.ndarray) -> np.ndarray:
@@ -56,3 +57,25 @@ def check_ssim_eval_map(fx):
     else:
       ours = -ssim.ssim_map(reconstruction, features, window=window, padding="same")
       _assert_close(fx, name, nchw(ours), expected)
+
+
+def check_gms_ssim(fx):
+  """RIAD's MSGMS score map and training-loss terms (SSIM window 11 'valid') of (u, v)."""
+  u, v = (nhwc(a) for a in _inputs(fx))
+  l2 = jnp.mean(jnp.square(u - v))
+  msgms = gms.msgms_loss(u, v)
+  ssim_loss = ssim.ssim_loss(u, v, window=11)
+  ours = {"msgms_score": lambda: nchw(gms.msgms_score(u, v)), "msgms_loss": lambda: msgms,
+          "ssim_loss": lambda: ssim_loss, "l2_loss": lambda: l2,
+          "total_loss": lambda: l2 + msgms + ssim_loss}
+  for name, *_ in fx.meta["outputs"]:
+    assert name in ours, f"{fx!r}: unknown output {name!r}"
+    _assert_close(fx, name, ours[name](), fx.outputs[name])
+
+
+def check_resize_align_corners(fx):
+  """Bilinear align_corners=True resize of each input to the size of the output at its index."""
+  assert len(fx.meta["inputs"]) == len(fx.meta["outputs"]), fx
+  for x, (name, shape, *_) in zip(_inputs(fx), fx.meta["outputs"]):
+    ours = resize.resize_bilinear(nhwc(x), *shape[-2:], align_corners=True)
+    _assert_close(fx, name, nchw(ours), fx.outputs[name])

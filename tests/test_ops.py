@@ -8,11 +8,11 @@ import pytest
 
 import ops_checks
 from reference_fixtures import load_area
-from uad_jax.ops import ssim
+from uad_jax.ops import gms, resize, ssim
 from uad_jax.ops.batchnorm import BatchNorm
 
 # Fixture kinds of the shared ops, checked by `ops_checks.check_<kind>`.
-OP_KINDS = ("ssim_train_loss", "ssim_eval_map")
+OP_KINDS = ("gms_ssim", "ssim_train_loss", "ssim_eval_map", "resize_align_corners")
 
 
 def _rng(seed=0):
@@ -118,6 +118,81 @@ def test_ssim_window_and_identity():
   np.testing.assert_allclose(ssim.ssim_map(x, x, window=5, padding="valid"), 1.0, atol=1e-5)
   with pytest.raises(ValueError, match="padding"):
     ssim.ssim_map(x, x, window=5, padding="reflect")
+
+
+# --- GMS ---------------------------------------------------------------------------------------
+
+def _numpy_gms(u, v):
+  """float64 GMS of (B, H, W, 1) images by explicit Prewitt sums."""
+  def magnitude(x):
+    x = x[..., 0].astype(np.float64)
+    h, w = x.shape[1] - 2, x.shape[2] - 2
+    gx = sum(x[:, r:r + h, 2:2 + w] - x[:, r:r + h, 0:w] for r in range(3)) / 3
+    gy = sum(x[:, 0:h, c:c + w] - x[:, 2:2 + h, c:c + w] for c in range(3)) / 3
+    return np.sqrt(gx ** 2 + gy ** 2 + 1e-12)
+  gu, gv = magnitude(u), magnitude(v)
+  return ((2 * gu * gv + 0.0026) / (gu ** 2 + gv ** 2 + 0.0026))[..., None]
+
+
+def test_gms_matches_numpy_and_scales():
+  u = _rng().uniform(size=(2, 32, 32, 1)).astype(np.float32)
+  v = np.clip(u + _rng(1).normal(0, 0.05, u.shape), 0, 1).astype(np.float32)
+  np.testing.assert_allclose(gms.gms_map(u, v), _numpy_gms(u, v), atol=2e-6)
+  pooled = [u, v]
+  losses, total = [], 0.0
+  for s in range(4):
+    if s:
+      pooled = [p.reshape(2, p.shape[1] // 2, 2, p.shape[2] // 2, 2, 1).mean((2, 4))
+                for p in pooled]
+    m = _numpy_gms(*pooled)
+    losses.append((1 - m).mean())
+    total = total + np.asarray(resize.resize_bilinear(m.astype(np.float32), 32, 32,
+                                                      align_corners=False))
+  np.testing.assert_allclose(gms.msgms_loss(u, v), np.mean(losses), atol=1e-6)
+  np.testing.assert_allclose(gms.msgms_score(u, v), (1 - total) / 4, atol=2e-6)
+
+
+# --- Resize ------------------------------------------------------------------------------------
+
+def _numpy_resize(x, height, width, align_corners):
+  """Bilinear resize by torch's per-pixel formula (B, h, w, C): source positions in float32 as
+  torch computes them, interpolation in float64."""
+  def positions(n, m):
+    i, f = np.arange(m, dtype=np.float32), np.float32
+    if align_corners:
+      src = i * (f(n - 1) / f(m - 1) if m > 1 else f(0))
+    else:
+      src = np.maximum((i + f(0.5)) * (f(n) / f(m)) - f(0.5), f(0))
+    i0 = np.minimum(np.floor(src).astype(int), n - 1)
+    return i0, np.minimum(i0 + 1, n - 1), src.astype(np.float64) - i0
+
+  y0, y1, wy = positions(x.shape[1], height)
+  x0, x1, wx = positions(x.shape[2], width)
+  x = x.astype(np.float64)
+  wy, wx = wy[None, :, None, None], wx[None, None, :, None]
+  top = (1 - wx) * x[:, y0][:, :, x0] + wx * x[:, y0][:, :, x1]
+  bottom = (1 - wx) * x[:, y1][:, :, x0] + wx * x[:, y1][:, :, x1]
+  return (1 - wy) * top + wy * bottom
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("size,target", [((12, 12), (24, 24)), ((56, 56), (224, 224)),
+                                         ((80, 80), (10, 10)), ((7, 9), (15, 20)),
+                                         ((5, 6), (1, 3))])
+def test_resize_matches_torch_formula(align_corners, size, target):
+  x = _rng().normal(size=(2, *size, 3)).astype(np.float32)
+  ours = resize.resize_bilinear(x, *target, align_corners=align_corners)
+  np.testing.assert_allclose(ours, _numpy_resize(x, *target, align_corners), atol=2e-6)
+
+
+def test_resize_half_pixel_matches_jax_image_and_identity():
+  x = _rng().normal(size=(1, 26, 13, 2)).astype(np.float32)
+  expected = jax.image.resize(x, (1, 224, 50, 2), "bilinear", antialias=False)
+  np.testing.assert_allclose(resize.resize_bilinear(x, 224, 50, align_corners=False), expected,
+                             atol=1e-5)
+  assert resize.resize_bilinear(x, 26, 13, align_corners=True) is x
+  rows = resize.interpolation_matrix(9, 4, align_corners=True)
+  np.testing.assert_allclose(rows.sum(1), 1.0, rtol=1e-6)
 
 
 # --- Reference op fixtures ---------------------------------------------------------------------
