@@ -10,6 +10,7 @@ import ops_checks
 from reference_fixtures import load_area
 from uad_jax.ops import gms, resize, ssim
 from uad_jax.ops.batchnorm import BatchNorm
+from uad_jax.ops.conv_transpose import ConvTranspose
 
 # Fixture kinds of the shared ops, checked by `ops_checks.check_<kind>`.
 OP_KINDS = ("gms_ssim", "ssim_train_loss", "ssim_eval_map", "resize_align_corners")
@@ -208,3 +209,53 @@ def test_op_fixture(fx):
 
 def test_every_op_kind_has_a_fixture():
   assert {fx.kind for fx in OP_FIXTURES} == set(OP_KINDS)
+
+
+# --- ConvTranspose -----------------------------------------------------------------------------
+
+def _numpy_conv_transpose(x, weight, bias, stride, padding, output_padding):
+  """torch's ConvTranspose2d by scatter-add: x (B, H, W, I) NHWC, weight (I, O, kh, kw)."""
+  b, h, w, _ = x.shape
+  _, o, kh, kw = weight.shape
+  full = np.zeros((b, (h - 1) * stride + kh + output_padding,
+                   (w - 1) * stride + kw + output_padding, o))
+  for iy in range(h):
+    for ix in range(w):
+      # (B, I) x (I, O, kh, kw) -> (B, kh, kw, O), added at the kernel's footprint.
+      full[:, iy * stride:iy * stride + kh, ix * stride:ix * stride + kw] += np.einsum(
+          "bi,iokl->bklo", x[:, iy, ix].astype(np.float64), weight)
+  out = full[:, padding:full.shape[1] - padding, padding:full.shape[2] - padding]
+  return out + (0 if bias is None else bias)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,output_padding,use_bias", [
+    (2, 2, 0, 0, False),   # RD decoder
+    (6, 2, 2, 0, False),   # FAE decoder
+    (7, 2, 2, 0, False),   # FAE dec_4 (3 -> 7)
+    (3, 2, 1, 1, True),
+    (4, 3, 0, 2, True),
+    (5, 1, 3, 0, True),
+    (2, 3, 2, 1, True),    # padding > kernel - 1: the equivalent convolution crops
+])
+def test_conv_transpose_matches_scatter_add(kernel, stride, padding, output_padding, use_bias):
+  x = _rng().normal(size=(2, 3, 4, 5)).astype(np.float32)
+  module = ConvTranspose(6, kernel, stride, padding, output_padding, use_bias=use_bias,
+                         precision=jax.lax.Precision.HIGHEST)
+  params = module.init(jax.random.key(0), x)["params"]
+  bound = 1 / np.sqrt(6 * kernel * kernel)   # torch's default init range
+  assert np.abs(params["kernel"]).max() <= bound
+  assert params["kernel"].shape == (kernel, kernel, 5, 6)
+  weight = _rng(1).normal(size=(5, 6, kernel, kernel)).astype(np.float32)   # torch layout
+  bias = _rng(2).normal(size=6).astype(np.float32) if use_bias else None
+  params = {"kernel": weight.transpose(2, 3, 0, 1)} | ({"bias": bias} if use_bias else {})
+  ours = module.apply({"params": params}, x)
+  expected = _numpy_conv_transpose(x, weight, bias, stride, padding, output_padding)
+  assert ours.shape == expected.shape == (
+      2, 2 * stride - 2 * padding + kernel + output_padding,
+      3 * stride - 2 * padding + kernel + output_padding, 6)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_rejects_output_padding_of_stride():
+  with pytest.raises(ValueError, match="output_padding"):
+    ConvTranspose(2, 3, 2, output_padding=2).init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))

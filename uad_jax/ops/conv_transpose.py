@@ -1,0 +1,72 @@
+"""torch.nn.ConvTranspose2d as a Flax module on NHWC inputs.
+
+torch's definition, for input x (I channels) and weight W of shape (I, O, kh, kw):
+
+  out[n, y, x, o] = bias[o] + Σ_{i, iy, ix, ky, kx} x[n, iy, ix, i] · W[i, o, ky, kx]
+                    over y = iy·s − p + ky, x = ix·s − p + kx,
+
+so H_out = (H − 1)·s − 2p + kh + output_padding (likewise W). Computed as a stride-1 correlation
+of the s-dilated input with the spatially flipped kernel and padding (k − 1 − p,
+k − 1 − p + output_padding) per axis (negative padding crops). Used by RD's decoder (2×2,
+stride 2, no padding) and FAE's decoder (6×6 and 7×7, stride 2, padding 2).
+
+Converter layout: params `kernel` (kh, kw, I, O) = torch `weight.transpose(2, 3, 0, 1)` (no
+flip; the flip happens here), `bias` (O,) = torch `bias`.
+Initialisation is torch's default: kernel and bias ~ U(±1/√(O·kh·kw)) (torch takes the fan-in
+from dim 1 of its (I, O, kh, kw) weight).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _torch_uniform(fan_in: int):
+  bound = 1.0 / fan_in ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class ConvTranspose(nn.Module):
+  """Transposed 2-D convolution with torch's semantics (groups 1, dilation 1).
+
+  Attributes:
+    features: output channels O.
+    kernel_size: (kh, kw) or k.
+    strides: (sh, sw) or s.
+    padding: torch's `padding`, (ph, pw) or p.
+    output_padding: torch's `output_padding`, (oh, ow) or o (each < its stride).
+    use_bias: add a learned bias.
+  """
+  features: int
+  kernel_size: int | tuple[int, int]
+  strides: int | tuple[int, int] = 1
+  padding: int | tuple[int, int] = 0
+  output_padding: int | tuple[int, int] = 0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, I) -> (B, H_out, W_out, O) in `dtype`."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+    k, s, p, op = (pair(v) for v in (self.kernel_size, self.strides, self.padding,
+                                     self.output_padding))
+    if any(o >= st for o, st in zip(op, s)):
+      raise ValueError(f"output_padding {op} must be smaller than the stride {s} (torch's rule)")
+    fan_in = self.features * k[0] * k[1]
+    kernel = self.param("kernel", _torch_uniform(fan_in), (*k, x.shape[-1], self.features),
+                        jnp.float32)
+    pads = [(ki - 1 - pi, ki - 1 - pi + oi) for ki, pi, oi in zip(k, p, op)]
+    y = jax.lax.conv_general_dilated(
+        jnp.asarray(x, self.dtype), jnp.asarray(kernel[::-1, ::-1], self.dtype), (1, 1), pads,
+        lhs_dilation=s, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+    if self.use_bias:
+      y = y + jnp.asarray(self.param("bias", _torch_uniform(fan_in), (self.features,),
+                                     jnp.float32), self.dtype)
+    return y
