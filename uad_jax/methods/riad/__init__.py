@@ -1,0 +1,6 @@
+"""RIAD: reconstruction by inpainting of random cell partitions (spec `methods/riad.md`).
+
+`method.py` (network, losses, train step, scoring, `METHOD`), `masks.py` (partition masks).
+"""
+
+from uad_jax.methods.riad.method import METHOD
