@@ -161,7 +161,7 @@ def profile_network(batch, iters, bf16):
         layers.GroupNorm, layers.Conv1x1 = FlaxGroupNorm, lax_conv1x1
       try:
         model = andi.build_model(config)
-        state = andi.init_state(config, jax.random.key(0), (224, 224, 1))
+        state = andi.init_state(config, jax.random.key(0))
         images = jax.random.uniform(jax.random.key(1), (batch, 224, 224, 1))
         fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.full((batch,), 0.3)))
         step = jax.jit(functools.partial(andi.train_step, config))

@@ -62,8 +62,9 @@ from uad_jax.data.lmdb_writer import write_slice_database  # pylint: disable=wro
 from uad_jax.data.pipeline import make_train_iterator  # pylint: disable=wrong-import-position
 from uad_jax.engine import sharding  # pylint: disable=wrong-import-position
 from uad_jax.engine.config import load_config  # pylint: disable=wrong-import-position
-from uad_jax.methods import (coreset, patchcore,  # pylint: disable=wrong-import-position
-                             patchcore_features)
+from uad_jax.methods.patchcore import (  # pylint: disable=wrong-import-position
+    coreset, features as patchcore_features, method as patchcore)
+from uad_jax.networks import feature_extractor  # pylint: disable=wrong-import-position
 from uad_jax.utils.atomic import atomic_write_text  # pylint: disable=wrong-import-position
 
 FIT_SIZES = (1_000, 10_000)
@@ -200,7 +201,7 @@ def bank_building_and_scoring(config, cache: Path) -> None:
 def coverage_against_one_shot(config, slices: int, block_slices: int) -> None:
   """Streaming vs one-shot greedy on the descriptors of the first `slices` training slices."""
   m = config.model
-  _, variables, _ = patchcore_features.load_frozen_backbone(config, jax.random.key(0))
+  _, variables, _ = feature_extractor.load_frozen_backbone(config.model, jax.random.key(0))
   extract = jax.jit(functools.partial(patchcore_features.descriptors, config))
   it = make_train_iterator(config.data.train_lmdb, global_batch_size=config.data.batch_size,
                            image_size=config.data.image_size, seed=config.seed)

@@ -36,7 +36,8 @@ def training_config(n_iters, snapshot_freq, log_freq):
 
 def eval_config(thr_start, thr_end, thr_step, split_size=155):
   c = ml_collections.ConfigDict()
-  c.split_size = split_size         # slices per scoring call (padded, sharded over devices)
+  c.step = -1                       # checkpoint step to score (-1: the newest; --step overrides)
+  c.split_size = split_size         # slices per chunk of a scoring call (padded, sharded)
   c.thr_start = thr_start           # threshold sweep: numpy.arange(thr_start, thr_end, thr_step)
   c.thr_end = thr_end
   c.thr_step = thr_step

@@ -36,7 +36,7 @@ def main():
   assert jax.device_count() == 4, jax.devices()
   config = load_config(str(REPO_ROOT / "configs" / "andi.py") + ":tiny")
   config.data.batch_size = 8
-  state = andi.init_state(config, jax.random.key(1), (16, 16, 1))
+  state = andi.init_state(config, jax.random.key(1))
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(0, 1, (8, 16, 16, 1)).astype(np.float32)}
   key = jax.random.key(7)

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from uad_jax.engine import sharding  # pylint: disable=wrong-import-position
 from uad_jax.engine.config import REPO_ROOT, load_config  # pylint: disable=wrong-import-position
 from uad_jax.engine.scoring import VolumeScorer  # pylint: disable=wrong-import-position
-from uad_jax.methods import patchcore, patchcore_features  # pylint: disable=wrong-import-position
+from uad_jax.methods.patchcore import features as patchcore_features, method as patchcore  # pylint: disable=wrong-import-position
+from uad_jax.networks import feature_extractor  # pylint: disable=wrong-import-position
 
 
 def _largest_all_gather(hlo: str) -> int:
@@ -37,7 +38,7 @@ def _largest_all_gather(hlo: str) -> int:
 def main():
   assert jax.device_count() == 4, jax.devices()
   config = load_config(str(REPO_ROOT / "configs" / "patchcore.py") + ":tiny")
-  _, variables, _ = patchcore_features.load_frozen_backbone(config, jax.random.key(0))
+  _, variables, _ = feature_extractor.load_frozen_backbone(config.model, jax.random.key(0))
   rng = np.random.default_rng(0)
   size = config.data.image_size
   train = rng.uniform(0, 1, (6, size, size, 1)).astype(np.float32)

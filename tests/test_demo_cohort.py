@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from uad_jax.data import demo_cohort
-from uad_jax.data import synth_anatomy
-from uad_jax.data import synth_contrast
-from uad_jax.data import synth_lesions
-from uad_jax.data import synth_scanners
+from uad_jax.data.demo import cohort as demo_cohort
+from uad_jax.data.demo import anatomy as synth_anatomy
+from uad_jax.data.demo import contrast as synth_contrast
+from uad_jax.data.demo import lesions as synth_lesions
+from uad_jax.data.demo import scanners as synth_scanners
 from uad_jax.errors import ConfigError, DataError
 
 # A coarse grid keeps the generation-heavy tests fast; content tests use the real demo grid.

@@ -29,7 +29,7 @@ def trained(cohort, tmp_path_factory):
 
 def _restore(config, workdir, step=None):
   store = checkpoints.CheckpointStore(workdir / "checkpoints", read_only=True)
-  target = andi.init_state(config, jax.random.key(0), trainer.image_shape(config))
+  target = andi.init_state(config, jax.random.key(0))
   restored = store.restore(target, step)
   store.close()
   return restored
@@ -41,7 +41,7 @@ def test_checkpoints_at_snapshot_steps(cohort, trained):
   step, state, data, meta = _restore(tiny_config(cohort), trained)
   assert step == 4 and int(state.step) == 4 and meta["method"] == "andi"
   assert "process_0" in data
-  init = andi.init_state(tiny_config(cohort), jax.random.key(0), (16, 16, 1))
+  init = andi.init_state(tiny_config(cohort), jax.random.key(0))
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        state.params, init.params)
   assert max(jax.tree.leaves(moved)) > 0   # training changed the parameters

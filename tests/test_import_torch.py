@@ -32,8 +32,9 @@ def test_imported_checkpoint_reproduces_the_reference_forward(fx, tmp_path):
   assert step_dir.name == str(3 * config.training.snapshot_freq)   # checkpoint_<k>
 
   mesh = sharding.make_mesh()
-  params, step, _, meta = evaluate.restore_scoring_params(config, andi, tmp_path / "run", None,
-                                                          mesh)
+  states, step, _, meta = evaluate.restore_states(config, andi.METHOD, tmp_path / "run", None,
+                                                  mesh)
+  params = andi.METHOD.scoring_params(config, states, {})
   assert step == 3 * config.training.snapshot_freq
   assert any("--ema-from-model" in w for w in meta["warnings"])
   x = np.moveaxis(fx.inputs["z_t"], 1, -1)

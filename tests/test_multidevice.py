@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from engine_helpers import tiny_cohort
-from uad_jax.engine import checkpoints, trainer
+from uad_jax.engine import checkpoints
 from uad_jax.engine.config import REPO_ROOT, load_config
 from uad_jax.methods import andi
 
@@ -47,7 +47,7 @@ def _train_command(workdir: Path, lmdb: Path) -> list[str]:
 def _final_state(workdir: Path):
   config = load_config(str(REPO_ROOT / "configs" / "andi.py") + ":tiny")
   store = checkpoints.CheckpointStore(workdir / "checkpoints", read_only=True)
-  target = andi.init_state(config, jax.random.key(0), trainer.image_shape(config))
+  target = andi.init_state(config, jax.random.key(0))
   step, state, data, _ = store.restore(target)
   store.close()
   return step, state, data

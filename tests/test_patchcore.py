@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from reference_fixtures import load_area
-from uad_jax.methods import coreset, knn, patchcore, patchcore_features as pf
+from uad_jax.methods.patchcore import coreset, features as pf, knn, method as patchcore
+from uad_jax.ops.resize import resize_bilinear
 
 FIXTURES = load_area("patchcore")
 
@@ -78,7 +79,8 @@ def _check_knn_anomaly_map(fx):
     np.testing.assert_allclose(scores, fx.outputs["patch_scores"], **fx.tolerance)
     np.testing.assert_allclose(scores.reshape(n, -1).max(axis=1), fx.outputs["image_scores"],
                                **fx.tolerance)
-    up = np.asarray(pf.resize_bilinear(jnp.asarray(scores)[..., None], *images.shape[1:3]))
+    up = np.asarray(resize_bilinear(jnp.asarray(scores)[..., None], *images.shape[1:3],
+                                    align_corners=False))
     np.testing.assert_allclose(up[..., 0], fx.outputs["map_upsampled"][:, 0], **fx.tolerance)
     volume = maps.reshape(v, s, *maps.shape[1:]).transpose(0, 2, 3, 1)[:, None]
     np.testing.assert_allclose(volume, fx.outputs["anomaly_volume"], **fx.tolerance)

@@ -17,7 +17,7 @@ from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.engine import checkpoints, evaluate, sharding, trainer
 from uad_jax.engine.config import REPO_ROOT
 from uad_jax.errors import ConfigError
-from uad_jax.methods import coreset, patchcore, patchcore_bank
+from uad_jax.methods.patchcore import bank as patchcore_bank, coreset, method as patchcore
 
 TESTS = Path(__file__).parent
 
@@ -96,7 +96,7 @@ def test_bank_is_the_coreset_of_the_descriptors(cohort, fitted):
   from uad_jax.data.volumes import center_crop_pad  # pylint: disable=import-outside-toplevel
   images = np.stack([center_crop_pad(source[int(i)]["image"], config.data.image_size)
                      for i in order])[..., None]
-  desc = np.asarray(patchcore.patchcore_features.descriptors(
+  desc = np.asarray(patchcore.features.descriptors(
       config, state["backbone"], images)).reshape(-1, config.model.target_embed_dim)
   z = np.asarray(coreset.project(desc, state["projection"]), np.float64)
   dist = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))

@@ -2,7 +2,7 @@
 
   python -m uad_jax.demo [--out demo] [--methods andi,patchcore] [--modality T1w]
 
-1. generates the synthetic demo cohort (`uad_jax.data.demo_cohort`) in `<out>/cohort`;
+1. generates the synthetic demo cohort (`uad_jax.data.demo`) in `<out>/cohort`;
 2. builds the training slice database (`<out>/lmdb/train_<modality>`);
 3. per method (ANDi and PatchCore): trains its `demo` preset (`<out>/runs/<method>_<modality>`), calibrates the
    thresholds on the validation cohorts and evaluates every test cohort;
@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from configs import common
 from uad_jax import methods
-from uad_jax.data import demo_cohort
+from uad_jax.data.demo import cohort as demo_cohort
 from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.data.lmdb_writer import write_slice_database
 from uad_jax.engine import evaluate, trainer
@@ -50,7 +50,7 @@ def run_method(method: str, root: Path, modality: str) -> Path:
   config.data.modality = modality
   common.use_demo_cohort(config, str(root))
   workdir = root / "runs" / f"{method}_{modality}"
-  what = ("building its memory bank" if methods.kind(methods.get_method(method)) == "fit"
+  what = ("fitting" if methods.get_method(method).is_fitted
           else f"training ({config.training.n_iters} steps)")
   print(f"\n== {method}: {what} in {workdir}")
   trainer.train(config, workdir)

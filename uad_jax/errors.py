@@ -15,3 +15,7 @@ class ConfigError(UadError, ValueError):
 
 class EvaluationError(UadError, ValueError):
   """Inputs the evaluation protocol cannot score (shape mismatch, NaN scores, empty cohort...)."""
+
+
+class TrainingError(UadError, RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the message names the step."""

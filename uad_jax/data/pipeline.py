@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable, Optional
 
 import grain
 import numpy as np
@@ -74,13 +74,25 @@ class EpochShuffle:
     return keys
 
 
+BatchTransform = Callable[[dict, np.random.Generator], dict]
+
+
+def transform_rng(seed: int, stream: int, step: int, process_index: int) -> np.random.Generator:
+  """The host generator of one batch transform: a pure function of (seed, stream, global batch
+  index, process), so a resumed or re-sharded run draws exactly the same numbers."""
+  return np.random.default_rng([seed, stream, step, process_index])
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadBatch(grain.transforms.Map):
-  """Batch index `g` -> `{"image": (local_batch, S, S, 1) float32}` of this process.
+  """Batch index `g` -> `{"image": (local_batch, S, S, 1) float32, ...}` of this process.
 
-  Each slice is center-cropped/padded to `image_size` (None: stored size) and mapped from
-  [0, 1] by `x * (hi - lo) + lo` with `(lo, hi) = value_range`: `(-1, 1)` is the reference's
-  `2x - 1` (ANDi, Disyre), `(-3, 3)` its `6x - 3` (IterMask), bit for bit.
+  Each slice is center-cropped/padded to `image_size` (None: stored size, which must then be
+  one size for the batch) and mapped from [0, 1] by `x * (hi - lo) + lo` with `(lo, hi) =
+  value_range`: `(-1, 1)` is the reference's `2x - 1` (ANDi, Disyre), `(-3, 3)` its `6x - 3`
+  (IterMask), bit for bit. `transform(batch, rng)` (a method's host-side per-batch transform,
+  e.g. masks or augmentation) then runs with `transform_rng(seed, transform_stream, g,
+  process_index)`.
   """
   source: SliceDataSource
   order: EpochShuffle
@@ -89,6 +101,8 @@ class ReadBatch(grain.transforms.Map):
   process_count: int
   image_size: int | None
   value_range: tuple[float, float]
+  transform: Optional[BatchTransform] = None
+  transform_stream: int = 0
 
   @property
   def local_batch_size(self) -> int:
@@ -118,7 +132,11 @@ class ReadBatch(grain.transforms.Map):
     if (lo, hi) != (0.0, 1.0):
       out *= np.float32(hi - lo)
       out += np.float32(lo)
-    return {"image": out}
+    batch = {"image": out}
+    if self.transform is not None:
+      rng = transform_rng(self.order.seed, self.transform_stream, int(step), self.process_index)
+      batch = self.transform(batch, rng)
+    return batch
 
 
 class TrainIterator:
@@ -154,7 +172,7 @@ class TrainIterator:
     return {"source": repr(rb.source), "seed": rb.order.seed,
             "global_batch_size": rb.global_batch_size, "process_index": rb.process_index,
             "process_count": rb.process_count, "image_size": rb.image_size,
-            "value_range": list(rb.value_range)}
+            "value_range": list(rb.value_range), "transform_stream": rb.transform_stream}
 
   def _grain_iterator(self):
     if self._closed:
@@ -217,7 +235,9 @@ class TrainIterator:
 def make_train_iterator(lmdb_path, *, global_batch_size: int, image_size: int | None,
                         seed: int, process_index: int = 0, process_count: int = 1,
                         worker_count: int = 0, value_range: tuple[float, float] = (0.0, 1.0),
-                        read_threads: int = 0, worker_buffer_size: int = 2) -> TrainIterator:
+                        read_threads: int = 0, worker_buffer_size: int = 2,
+                        transform: Optional[BatchTransform] = None,
+                        transform_stream: int = 0) -> TrainIterator:
   """Training batches from an LMDB slice database (either format).
 
   Args:
@@ -231,6 +251,8 @@ def make_train_iterator(lmdb_path, *, global_batch_size: int, image_size: int | 
     value_range: see `ReadBatch`.
     read_threads: grain threads reading batches ahead in this process (0 = on demand).
     worker_buffer_size: batches each worker prepares ahead.
+    transform, transform_stream: see `ReadBatch` (the stream separates the draws of several
+      training stages of one run).
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ConfigError(f"global_batch_size {global_batch_size} must be a positive multiple of "
@@ -241,6 +263,7 @@ def make_train_iterator(lmdb_path, *, global_batch_size: int, image_size: int | 
   read_batch = ReadBatch(source=source, order=EpochShuffle(len(source), seed),
                          global_batch_size=global_batch_size, process_index=process_index,
                          process_count=process_count, image_size=image_size,
-                         value_range=(float(value_range[0]), float(value_range[1])))
+                         value_range=(float(value_range[0]), float(value_range[1])),
+                         transform=transform, transform_stream=transform_stream)
   return TrainIterator(read_batch, worker_count=worker_count, read_threads=read_threads,
                        worker_buffer_size=worker_buffer_size)

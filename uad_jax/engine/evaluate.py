@@ -24,16 +24,17 @@ import numpy as np
 from uad_jax import evaluation, methods
 from uad_jax.data.splits import read_split
 from uad_jax.data.volume_loader import iterate_volumes
-from uad_jax.engine import checkpoints, sharding, summary
+from uad_jax.engine import checkpoints, run_dir, sharding, summary
 from uad_jax.engine.config import required_path
 from uad_jax.engine.scoring import VolumeScorer
-from uad_jax.engine.trainer import image_shape
 from uad_jax.errors import ConfigError
+from uad_jax.methods.contract import TrainContext
 from uad_jax.utils.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = "examples"
+METHOD_CALIBRATION = "method_calibration.json"   # beside calibration.json
 
 
 def resolve_checkpoint(ckpt, step: int | None) -> tuple[Path, int | None]:
@@ -50,42 +51,90 @@ def resolve_checkpoint(ckpt, step: int | None) -> tuple[Path, int | None]:
   raise ConfigError(f"--ckpt {ckpt}: no such checkpoint directory")
 
 
-def restore_scoring_params(config, method, ckpt, step, mesh):
-  """(params used for scoring, step, step directory, restored meta) of a checkpoint."""
+def _abstract_state(config, stage, artifacts, mesh):
+  """Shapes, dtypes and (replicated) shardings of a stage's train state, for restoring."""
+  repl = sharding.replicated(mesh)
+  target = jax.eval_shape(functools.partial(stage.init, config, jax.random.key(0),
+                                            TrainContext(1, artifacts)))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), target)
+
+
+def restore_states(config, method, ckpt, step, mesh):
+  """({stage name: state}, step, step directory, meta) of a run's checkpoints.
+
+  The scored (final) stage is restored at `step` (None: its newest readable checkpoint);
+  earlier stages (IterMask's first model) at their newest, i.e. their final, checkpoint. A
+  fitted method's state is returned under the name 'fit'.
+  """
   root, step = resolve_checkpoint(ckpt, step)
-  store = checkpoints.CheckpointStore(root, read_only=True)
-  target = None
-  if methods.kind(method) == "gradient":
-    repl = sharding.replicated(mesh)
-    target = jax.eval_shape(functools.partial(method.init_state, config, jax.random.key(0),
-                                              image_shape(config)))
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          target)
-  step, state, _, meta = store.restore(target, step)
-  store.close()
-  if hasattr(method, "scoring_params"):
-    params = method.scoring_params(state)
-  else:
-    params = state.ema_params if target is not None else state
-  return params, step, root / str(step), meta
+  workdir = root.parent
+  artifacts = run_dir.read_artifacts(workdir)
+  states = {}
+  stages = method.stages or (None,)
+  for stage in stages:
+    final = stage is None or stage is method.final_stage
+    directory = root if final else run_dir.checkpoint_dir(workdir, method, stage.name)
+    store = checkpoints.CheckpointStore(directory, read_only=True)
+    target = None if stage is None else _abstract_state(config, stage, artifacts, mesh)
+    s, state, _, meta = store.restore(target, step if final else None)
+    store.close()
+    if meta.get("method", config.method) != config.method:
+      raise ConfigError(f"{directory} holds a {meta['method']} checkpoint but config.method is "
+                        f"{config.method}")
+    states["fit" if stage is None else stage.name] = state
+    if final:
+      step, final_meta = s, meta
+  return states, step, root / str(step), final_meta
+
+
+def scored_step(config, step: int | None) -> int | None:
+  """`--step`, else config.eval.step (-1 or absent: None, the newest checkpoint)."""
+  if step is not None:
+    return step
+  configured = config.eval.get("step", -1)
+  return None if configured < 0 else configured
 
 
 class _Run:
-  """What every cohort of one calibrate/evaluate call shares."""
+  """What every cohort of one calibrate/evaluate call shares: the restored states, the
+  method's artefacts and calibration, the scorer."""
 
-  def __init__(self, config, ckpt, step):
+  def __init__(self, config, ckpt, step, *, calibrate_method: bool = False):
     self.config = config
     self.method = methods.get_method(config.method)
     self.mesh = sharding.make_mesh()
-    params, self.step, self.step_dir, self.meta = restore_scoring_params(
-        config, self.method, ckpt, step, self.mesh)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0x5C0E)
-    self.scorer = VolumeScorer(config, self.method, params, self.mesh, rng)
+    states, self.step, self.step_dir, self.meta = restore_states(
+        config, self.method, ckpt, scored_step(config, step), self.mesh)
+    self.rng = jax.random.fold_in(jax.random.key(config.seed), 0x5C0E)
+    artifacts = dict(run_dir.read_artifacts(self.step_dir.parents[1]))
     self.info = {"method": config.method, "modality": config.data.modality,
                  "checkpoint_step": self.step, "checkpoint": str(self.step_dir),
                  "warnings": list(self.meta.get("warnings", []))}
+    if self.method.calibrate is not None:
+      values = self._method_calibration(states, artifacts, calibrate_method)
+      artifacts.update(values)
+      self.info["method_calibration"] = values
     for w in self.info["warnings"]:
       log.warning("checkpoint %s: %s", self.step_dir, w)
+    params = self.method.scoring_params(config, states, artifacts)
+    self.scorer = VolumeScorer(config, self.method, params, self.mesh, self.rng)
+
+  def _method_calibration(self, states, artifacts, compute: bool) -> dict:
+    """The method-level calibration (e.g. IterMask's validation_thr): computed by
+    `--calibrate` and stored beside the checkpoint, else read from there."""
+    path = self.step_dir / METHOD_CALIBRATION
+    if compute:
+      params = self.method.scoring_params(self.config, states, artifacts)
+      log.info("calibrating %s's own parameters", self.config.method)
+      values = self.method.calibrate(self.config, params, self.mesh,
+                                     jax.random.fold_in(self.rng, 0xCA1))
+      if jax.process_index() == 0:
+        atomic_write_text(path, json.dumps(values, indent=2) + "\n")
+      return values
+    if not path.is_file():
+      raise ConfigError(f"{path} is missing: {self.config.method} needs its calibration; run "
+                        f"`python -m uad_jax.eval --config ... --ckpt ... --calibrate` first")
+    return json.loads(path.read_text())
 
   def score_cohort(self, csv, *, lesion: bool, consume, examples_dir: Path | None = None,
                    writer=None, tag: str = ""):
@@ -145,7 +194,7 @@ def example_panel(image, mask, maps) -> np.ndarray:
 
 def calibrate(config, ckpt, step: int | None = None) -> Path:
   """Writes `calibration.json` next to the checkpoint; returns its path."""
-  run = _Run(config, ckpt, step)
+  run = _Run(config, ckpt, step, calibrate_method=True)
   lesion_result = None
   if config.eval.val_lesion_csv:
     csv = required_path(config, "eval.val_lesion_csv")

@@ -1,13 +1,15 @@
-"""The training loop shared by every gradient-trained method.
+"""The training loop shared by every method.
 
-Plain and visible: build the data iterator and the train state, restore the newest checkpoint
-of `workdir` if there is one, then `for step in range(...)`: next batch -> jitted `train_step`
-over the device mesh -> scalars, checkpoints and previews at their frequencies.
+Plain and visible: the method's artefacts are prepared once (`Method.prepare`), then each
+training stage in order: build its data iterator and train state, restore its newest checkpoint
+if there is one, then `for step in range(...)`: next batch -> jitted `train_step` over the
+device mesh -> scalars, checkpoints and previews at their frequencies. Fitted methods
+(`Method.fit`) build their state once instead.
 """
 
 import functools
-import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,113 +19,131 @@ from tqdm import tqdm
 
 from uad_jax import methods
 from uad_jax.data import pipeline
-from uad_jax.engine import checkpoints, data_state, sharding, summary
+from uad_jax.engine import checkpoints, data_state, run_dir, sharding, summary
 from uad_jax.engine.config import required_path
-from uad_jax.utils.atomic import atomic_write_text
+from uad_jax.errors import TrainingError
+from uad_jax.methods.contract import Method, Stage, TrainContext
 
 log = logging.getLogger(__name__)
-
 
 FIT_STEP = 0   # the checkpoint step of a fitted method's state
 
 
-def image_shape(config) -> tuple[int, int, int]:
-  """(H, W, C) of one model input slice."""
-  return (config.data.image_size, config.data.image_size, 1)
-
-
-def checkpoint_dir(workdir) -> Path:
-  return Path(workdir) / "checkpoints"
-
-
-def write_run_config(workdir: Path, config) -> None:
-  """Stores the config of the run (JSON); a resumed run with a different model is an error."""
-  path = workdir / "config.json"
-  text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-  if path.exists():
-    old = json.loads(path.read_text())
-    if old.get("method") != config.method or old.get("model") != json.loads(text).get("model"):
-      raise ValueError(f"{workdir} holds a run of a different method/model ({path}); "
-                       "use a new --workdir")
-  if jax.process_index() == 0:
-    atomic_write_text(path, text)
-
-
 def train(config, workdir) -> None:
-  """Trains `config.method` in `workdir`, resuming from its newest checkpoint."""
+  """Trains (or fits) `config.method` in `workdir`, resuming from its newest checkpoints."""
   workdir = Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
   method = methods.get_method(config.method)
   mesh = sharding.make_mesh()
-  if methods.kind(method) == "fit":
-    fit(config, workdir, method, mesh)
+  lmdb_path = required_path(config, "data.train_lmdb", kind="dir")
+  run_dir.write_run_config(workdir, config)
+  if method.is_fitted:
+    fit(config, workdir, method, mesh, lmdb_path)
+    return
+  artifacts = prepare(config, method, workdir, lmdb_path)
+  for index, stage in enumerate(method.stages):
+    train_stage(config, method, stage, index, workdir, lmdb_path, artifacts, mesh)
+
+
+def prepare(config, method: Method, workdir: Path, lmdb_path: Path) -> dict:
+  """The method's artefacts from the training data (`WORKDIR/artifacts.json`; computed once)."""
+  if method.prepare is None:
+    return {}
+  artifacts = run_dir.read_artifacts(workdir)
+  if not artifacts:
+    log.info("preparing %s artefacts from %s", method.name, lmdb_path)
+    artifacts = method.prepare(config, lmdb_path)
+    run_dir.write_artifacts(workdir, artifacts)
+  return artifacts
+
+
+def stage_rng(config, index: int) -> jax.Array:
+  """The root key of training stage `index` (stage 0: the seed's key itself)."""
+  key = jax.random.key(config.seed)
+  return key if index == 0 else jax.random.fold_in(key, index)
+
+
+def train_stage(config, method: Method, stage: Stage, index: int, workdir: Path, lmdb_path,
+                artifacts: dict, mesh) -> None:
+  """Steps 1 .. stage.n_iters of one stage (resumed from its newest checkpoint)."""
+  n_iters = stage.n_iters(config)
+  store = checkpoints.CheckpointStore(run_dir.checkpoint_dir(workdir, method, stage.name),
+                                      config.training.max_to_keep)
+  if store.steps() and store.steps()[-1] >= n_iters:
+    log.info("stage %s of %s is complete (%s)", stage.name, workdir, store.step_dir(n_iters))
+    store.close()
     return
   block = sharding.must_block_every_step(config.training.block_every_step)
-  write_run_config(workdir, config)
-
+  transform = stage.batch_transform(config, artifacts) if stage.batch_transform else None
   train_iter = pipeline.make_train_iterator(
-      required_path(config, "data.train_lmdb", kind="dir"),
-      global_batch_size=config.data.batch_size, image_size=config.data.image_size,
-      seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=config.data.worker_count)
+      lmdb_path, global_batch_size=config.data.batch_size, image_size=stage.train_crop(config),
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=config.data.worker_count, value_range=stage.value_range(config),
+      transform=transform, transform_stream=index)
+  steps_per_epoch = math.ceil(train_iter.slices_per_epoch / config.data.batch_size)
+  log.info("%s stage %s: %d slices, an epoch is %d steps of %d", method.name, stage.name,
+           train_iter.slices_per_epoch, steps_per_epoch, config.data.batch_size)
 
-  init_rng, train_rng, preview_rng = jax.random.split(jax.random.key(config.seed), 3)
-  state = method.init_state(config, init_rng, image_shape(config))
-  store = checkpoints.CheckpointStore(checkpoint_dir(workdir), config.training.max_to_keep)
+  init_rng, train_rng, preview_rng = jax.random.split(stage_rng(config, index), 3)
+  state = stage.init(config, init_rng, TrainContext(steps_per_epoch, artifacts))
   start_step = 0
   if store.steps():
     start_step, state, saved_data, _ = store.restore(state)
     train_iter.set_state(data_state.local(saved_data))
-    log.info("resumed %s from step %d", workdir, start_step)
+    log.info("resumed %s stage %s from step %d", workdir, stage.name, start_step)
   state = sharding.replicate(state, mesh)
 
-  train_step = jax.jit(
-      functools.partial(method.train_step, config),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
-                    sharding.replicated(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  sample = getattr(method, "sample", None)
-  if sample is not None:
-    sample = jax.jit(functools.partial(sample, config),
-                     static_argnames=("num_images",), out_shardings=sharding.replicated(mesh))
-
-  writer = summary.SummaryWriter(workdir / "tensorboard" / "train")
+  repl, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  train_step = jax.jit(functools.partial(stage.train_step, config),
+                       in_shardings=(repl, batch_sharded, repl), out_shardings=(repl, repl),
+                       donate_argnums=(0,))
+  preview = None
+  if stage.preview is not None and config.training.preview_images:
+    preview = jax.jit(functools.partial(stage.preview, config), out_shardings=repl)
+  suffix = "" if len(method.stages) == 1 else f"_{stage.name}"
+  writer = summary.SummaryWriter(workdir / "tensorboard" / f"train{suffix}")
+  meta = {"method": config.method, "stage": stage.name, "warnings": method.warnings(config)}
   try:
     if start_step == 0:
       writer.config(config)
-    _loop(config, state, start_step, train_iter, train_step, sample, store, writer, mesh, block,
-          train_rng, preview_rng)
+    _loop(config, stage.name, n_iters, state, start_step, train_iter, train_step, preview,
+          store, writer, mesh, block, train_rng, preview_rng, meta)
   finally:
     writer.close()
     store.close()
     train_iter.close()
 
 
-def fit(config, workdir: Path, method, mesh) -> None:
+def fit(config, workdir: Path, method: Method, mesh, lmdb_path: Path) -> None:
   """A fitted method (no gradient steps): `method.fit` builds its scoring state from the
   training slices; stored as checkpoint step 0. A workdir that has it is left as it is."""
-  write_run_config(workdir, config)
-  store = checkpoints.CheckpointStore(checkpoint_dir(workdir), config.training.max_to_keep)
+  store = checkpoints.CheckpointStore(run_dir.checkpoint_dir(workdir),
+                                      config.training.max_to_keep)
   writer = summary.SummaryWriter(workdir / "tensorboard" / "train")
   try:
     if store.steps():
       log.info("%s is already fitted (checkpoint %s)", workdir, store.step_dir(store.steps()[-1]))
       return
     writer.config(config)
-    state, meta = method.fit(config, required_path(config, "data.train_lmdb", kind="dir"), mesh,
-                             jax.random.key(config.seed), writer, workdir)
+    state, meta = method.fit(config, lmdb_path, mesh, jax.random.key(config.seed), writer,
+                             workdir)
     store.save(FIT_STEP, state, {}, dict(meta, step=FIT_STEP, method=config.method))
   finally:
     writer.close()
     store.close()
 
 
-def _loop(config, state, start_step, train_iter, train_step, sample, store, writer, mesh, block,
-          train_rng, preview_rng):
+def _check_finite(stage: str, step: int, scalars: dict) -> None:
+  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+  if bad:
+    raise TrainingError(f"stage {stage}: non-finite training metrics {bad} in the steps up to "
+                        f"{step}; the last checkpoint before them is kept")
+
+
+def _loop(config, stage_name, n_iters, state, start_step, train_iter, train_step, preview,
+          store, writer, mesh, block, train_rng, preview_rng, meta):
   """Steps start_step+1 .. n_iters with logging, checkpoints and previews."""
-  n_iters = config.training.n_iters
-  bar = tqdm(total=n_iters, initial=start_step, desc=f"train {config.method}",
+  bar = tqdm(total=n_iters, initial=start_step, desc=f"train {config.method} {stage_name}",
              disable=jax.process_index() != 0, dynamic_ncols=True)
   window, window_start = [], time.perf_counter()
   for step in range(start_step + 1, n_iters + 1):
@@ -138,20 +158,21 @@ def _loop(config, state, start_step, train_iter, train_step, sample, store, writ
       window = jax.device_get(window)
       elapsed = time.perf_counter() - window_start
       scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      scalars.setdefault("lr", config.optim.lr)
+      _check_finite(stage_name, step, scalars)
+      scalars["lr"] = float(state.learning_rate(step))   # the rate this step applied
       scalars["slices_per_s"] = len(window) * config.data.batch_size / elapsed
       scalars["step_time_s"] = elapsed / len(window)
       writer.scalars(step, scalars)
-      bar.set_postfix(loss=f"{scalars['loss']:.4g}", slices_s=f"{scalars['slices_per_s']:.1f}")
+      bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4g}",
+                      slices_s=f"{scalars['slices_per_s']:.1f}")
       window, window_start = [], time.perf_counter()
 
     if step % config.training.snapshot_freq == 0 or step == n_iters:
-      store.save(step, state, data_state.gather(train_iter.get_state()),
-                 {"step": step, "method": config.method})
-      if sample is not None and config.training.preview_images:
-        images = sample(state.ema_params, jax.random.fold_in(preview_rng, step),
-                        num_images=config.training.preview_images)
-        writer.images(step, "samples", jax.device_get(images))
+      store.save(step, state, data_state.gather(train_iter.get_state()), dict(meta, step=step))
+      if preview is not None:
+        images = preview(state, batch, jax.random.fold_in(preview_rng, step))
+        for tag, value in jax.device_get(images).items():
+          writer.images(step, tag, value)
       writer.flush()
       if not window:
         window_start = time.perf_counter()   # keep checkpoint/preview time out of slices/s

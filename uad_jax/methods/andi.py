@@ -31,8 +31,9 @@ from uad_jax.diffusion import pyramid_noise as pyramid
 from uad_jax.diffusion.losses import vpred_losses
 from uad_jax.diffusion.samplers import SAMPLERS, posterior_coefficients, predict_x0
 from uad_jax.diffusion.schedule import logsnr_schedule, reverse_time_grid
-from uad_jax.engine import train_state
+from uad_jax.engine import optim, train_state
 from uad_jax.errors import ConfigError
+from uad_jax.methods import contract
 from uad_jax.networks.ddpmpp import DDPMpp, ddpmpp_from_config
 
 
@@ -56,26 +57,18 @@ def _training_noise_fn(config) -> Callable[[jax.Array, tuple], jnp.ndarray]:
   return lambda key, shape: jax.random.normal(key, shape, jnp.float32)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with torch's defaults: constant lr, decoupled weight decay on all parameters."""
-  o = config.optim
-  return optax.adamw(o.lr, o.beta1, o.beta2, o.eps, weight_decay=o.weight_decay)
-
-
-def init_state(config, rng: jax.Array, image_shape: tuple) -> train_state.TrainState:
+def init_state(config, rng: jax.Array,
+               ctx: contract.TrainContext = contract.TrainContext()) -> train_state.TrainState:
   """Fresh train state: spec initialisation (network output ≡ 0), AdamW state, EMA = params.
 
-  image_shape: (H, W, C) of one model input slice; must match data.image_size and
-  model.num_channels.
+  The network input is (data.image_size, data.image_size, model.num_channels).
   """
   model = build_model(config)
-  expected = (model.image_size, model.image_size, model.in_channels)
-  if tuple(image_shape) != expected:
-    raise ConfigError(f"image_shape {tuple(image_shape)} does not match data.image_size / "
-                      f"model.num_channels {expected}")
-  init = jax.jit(lambda key: model.init({"params": key}, jnp.zeros((1,) + expected),
-                                        jnp.zeros((1,)), train=False)["params"])
-  return train_state.TrainState.create(init(rng), make_optimizer(config))
+  shape = (1, model.image_size, model.image_size, model.in_channels)
+  init = jax.jit(lambda key: model.init({"params": key}, jnp.zeros(shape), jnp.zeros((1,)),
+                                        train=False)["params"])
+  tx, lr = optim.make_optimizer(config.optim, ctx.steps_per_epoch)
+  return train_state.TrainState.create(init(rng), tx, lr, ema=True)
 
 
 def train_step(config, state: train_state.TrainState, batch: dict, rng: jax.Array):
@@ -98,9 +91,7 @@ def train_step(config, state: train_state.TrainState, batch: dict, rng: jax.Arra
     return jnp.mean(vpred_losses(model_fn, x, t, noise, _logsnr_fn(config)))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  state = train_state.apply_gradients(state, grads, make_optimizer(config),
-                                      config.model.ema_rate)
-  return state, {"loss": loss}
+  return state.apply_gradients(grads, ema_rate=config.model.ema_rate), {"loss": loss}
 
 
 def score_times(config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,14 +164,17 @@ def _score_loop(config, params, images, noise_of_step, step_inputs, keep_steps: 
   return maps, per_step
 
 
-def score_slices(config, params, images: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
+def score_slices(config, params, images: jnp.ndarray, valid: jnp.ndarray,
+                 rng: jax.Array) -> jnp.ndarray:
   """ANDi anomaly maps of a batch of slices with the EMA `params` (dropout off).
 
-  images: float32 (B, H, W, 1) in [0, 1]. The white Gaussian noise of scoring step i (its index
+  images: float32 (B, H, W, 1) in [0, 1]; valid (B,) bool is unused (slices are independent).
+  The white Gaussian noise of scoring step i (its index
   in start..stop, so strides share the draws of k = 1) is jax.random.normal(fold_in(rng, i)) of
   the batch shape; the reference scores with white noise (its eval config has pyramid=False)
   whatever model.pyramid says. Returns float32 (B, H, W), 0 where 2·image - 1 == -1.
   """
+  del valid
   t, s, i = score_times(config)
 
   def noise_of_step(step):
@@ -223,3 +217,27 @@ def sample(config, params, rng: jax.Array, num_images: int) -> jnp.ndarray:
 
   x = SAMPLERS[name](model_fn, _logsnr_fn(config), _training_noise_fn(config), rng, shape, steps)
   return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def preview(config, state: train_state.TrainState, batch: dict, rng: jax.Array) -> dict:
+  """TensorBoard images at a snapshot: training.preview_images samples of the EMA model."""
+  del batch
+  return {"samples": sample(config, state.ema_params, rng, config.training.preview_images)}
+
+
+def scoring_params(config, states: dict, artifacts: dict):
+  """ANDi scores with the EMA weights of its one stage."""
+  del config, artifacts
+  return states["model"].ema_params
+
+
+def network_evaluations(config) -> float:
+  """Network evaluations per scored slice: one per kept scoring step."""
+  return float(score_times(config)[0].size)
+
+
+METHOD = contract.Method(
+    name="andi", score=score_slices, scoring_params=scoring_params,
+    stages=(contract.Stage(name="model", init=init_state, train_step=train_step,
+                           preview=preview),),
+    network_evaluations=network_evaluations)

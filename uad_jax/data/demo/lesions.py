@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from uad_jax.data import synth_anatomy
+from uad_jax.data.demo import anatomy as synth_anatomy
 
 LESION_TYPES = ("tumour", "ms", "stroke")
 

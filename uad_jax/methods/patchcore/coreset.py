@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uad_jax.methods import knn
+from uad_jax.methods.patchcore import knn
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -1,6 +1,6 @@
 """The bundled demo cohort: a small multi-scanner BIDS dataset with lesions, generated offline.
 
-  python -m uad_jax.data.demo_cohort --out DIR [--seed 0] [--geometry demo|paper] [--scale 1]
+  python -m uad_jax.data.demo --out DIR [--seed 0] [--geometry demo|paper] [--scale 1]
 
 Design: the project spec `demo_cohort.md`. Anatomy comes from nilearn's MNI152 template
 (synth_anatomy.py), contrasts from tissue maps (synth_contrast.py), lesions with ground-truth
@@ -27,10 +27,10 @@ import nibabel as nib
 import numpy as np
 import tqdm
 
-from uad_jax.data import synth_anatomy
-from uad_jax.data import synth_contrast
-from uad_jax.data import synth_lesions
-from uad_jax.data import synth_scanners
+from uad_jax.data.demo import anatomy as synth_anatomy
+from uad_jax.data.demo import contrast as synth_contrast
+from uad_jax.data.demo import lesions as synth_lesions
+from uad_jax.data.demo import scanners as synth_scanners
 from uad_jax.errors import ConfigError, DataError
 from uad_jax.utils.atomic import atomic_path
 
@@ -229,7 +229,7 @@ def _dataset_description() -> dict:
       "Name": "uad_jax demo cohort (synthetic)",
       "BIDSVersion": "1.9.0",
       "DatasetType": "raw",
-      "GeneratedBy": [{"Name": "uad_jax.data.demo_cohort", "Version": str(VERSION),
+      "GeneratedBy": [{"Name": "uad_jax.data.demo", "Version": str(VERSION),
                        "Description": "synthetic multi-scanner T1w/T2w brain MRI with lesions"}],
       "HowToAcknowledge": "Anatomy derived from the MNI152 ICBM 2009a symmetric template "
                           "(McConnell Brain Imaging Centre), as shipped with nilearn.",
@@ -299,7 +299,7 @@ def _write_cohort(root: Path, final_root: Path, plans, template, grid, seed, ide
       (root / "splits" / f"{split}_{modality}.csv").write_text(
           _csv_text(split_rows, CSV_COLUMNS), encoding="utf-8")
   counts = {split: sum(p.split == split for p in plans) for split in SPLITS}
-  description = {"generator": "uad_jax.data.demo_cohort", **identity, "counts": counts,
+  description = {"generator": "uad_jax.data.demo", **identity, "counts": counts,
                  "subjects": len(plans), "parameters": _generation_parameters(),
                  "participants": records}
   # Written last: its presence marks a complete cohort (the directory is renamed into place
@@ -351,7 +351,7 @@ def generate(out_dir, *, seed: int = 0, geometry="demo", scale: float = 1.0,
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m uad_jax.data.demo_cohort",
+      prog="python -m uad_jax.data.demo",
       description="Generate the bundled synthetic demo cohort (BIDS + split CSVs).")
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--seed", type=int, default=0)
@@ -378,5 +378,3 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())

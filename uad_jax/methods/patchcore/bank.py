@@ -30,7 +30,8 @@ from uad_jax.data import pipeline
 from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.engine import sharding
 from uad_jax.errors import ConfigError
-from uad_jax.methods import coreset, patchcore_features
+from uad_jax.methods.patchcore import coreset, features
+from uad_jax.networks import feature_extractor
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def plan(config, num_database_slices: int) -> dict:
   if m.max_train_slices < 0 or m.max_bank_size < 0:
     raise ConfigError("model.max_train_slices and model.max_bank_size must be >= 0 (0: no limit)")
   used = min(n, m.max_train_slices) if m.max_train_slices else n
-  h, w = patchcore_features.descriptor_grid(config)
+  h, w = features.descriptor_grid(config)
   batch = config.data.batch_size
   block_batches = max(1, m.coreset_block_slices // batch)
   block_slices = block_batches * batch
@@ -106,7 +107,7 @@ def build(config, lmdb_path, mesh, rng: jax.Array, writer, workdir):
                       f"{mesh.size} devices")
   t_start = time.perf_counter()
   backbone_key, projection_key, start_key = jax.random.split(rng, 3)
-  _, variables, info = patchcore_features.load_frozen_backbone(config, backbone_key)
+  _, variables, info = feature_extractor.load_frozen_backbone(config.model, backbone_key)
   warnings = [info["warning"]] if info["warning"] else []
   for text in warnings:
     log.warning("\n%s\n%s\n%s", "!" * 80, text, "!" * 80)
@@ -131,7 +132,7 @@ def build(config, lmdb_path, mesh, rng: jax.Array, writer, workdir):
       lmdb_path, global_batch_size=config.data.batch_size, image_size=config.data.image_size,
       seed=config.seed, worker_count=config.data.worker_count)
   repl = sharding.replicated(mesh)
-  extract = jax.jit(functools.partial(patchcore_features.descriptors, config),
+  extract = jax.jit(functools.partial(features.descriptors, config),
                     in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=repl)
   select = jax.jit(coreset.select_from_block, donate_argnums=(0,))
   variables = sharding.replicate(variables, mesh)
@@ -196,7 +197,7 @@ def build(config, lmdb_path, mesh, rng: jax.Array, writer, workdir):
       "subsampling": (f"first {p['train_slices']} of {p['database_slices']} slices of the seeded "
                       f"random training order (seed {config.seed})"
                       if p["train_slices"] < p["database_slices"] else "none (all slices)"),
-      "coreset": {"algorithm": "streaming greedy k-center (uad_jax.methods.coreset)",
+      "coreset": {"algorithm": "streaming greedy k-center (uad_jax.methods.patchcore.coreset)",
                   "sample_size": m.sample_size, "max_bank_size": m.max_bank_size,
                   "projection_dim": int(projection.shape[0]),
                   "start_indices": np.asarray(start).tolist(),

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from uad_jax.data import synth_anatomy
+from uad_jax.data.demo import anatomy as synth_anatomy
 
 CONTRASTS = ("T1w", "T2w")
 _BIAS_DEGREE = 2  # Legendre polynomials up to this degree per axis

@@ -17,9 +17,10 @@ pretrain_dim = target_dim = 2C, the first layer contributes (box5(f) + f) / 26 p
 (its two 13-value pooling bins of a channel overlap in the window centre) and the second the
 mean of box5 over channel pairs (2c, 2c + 1), / 50.
 
-`descriptors(config, variables, images)` runs the whole extractor of a config: grey slices ->
-3 identical channels (no ImageNet normalisation unless model.normalize) -> frozen backbone taps
-`model.layers` -> `aggregate`.
+`descriptors(config, variables, images)` runs the whole extractor of a config: the shared frozen
+feature extractor (`uad_jax/networks/feature_extractor.py`: grey slices -> 3 identical channels,
+no ImageNet normalisation unless model.normalize, backbone taps `model.layers`) -> `aggregate`.
+Resizes are torch's bilinear with align_corners=False (`uad_jax/ops/resize.py`).
 """
 
 import functools
@@ -29,13 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uad_jax.errors import ConfigError
-from uad_jax.networks import backbones
+from uad_jax.networks import backbones, feature_extractor
+from uad_jax.ops.resize import resize_bilinear
 
 HIGHEST = jax.lax.Precision.HIGHEST
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PRECISIONS = {"highest": "highest", "default": None}
 
 
 def patch_grid(size: int, patchsize: int, stride: int) -> int:
@@ -63,17 +61,6 @@ def uses_closed_form(channels: Sequence[int], patchsize: int, patchstride: int,
           and patchstride == 1 and pretrain_dim == target_dim == channels[1])
 
 
-def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
-  """(B, h, w, C) -> (B, height, width, C), torch's bilinear with align_corners=False.
-
-  No antialiasing (torch does not filter when shrinking either); an identity resize is skipped.
-  """
-  if x.shape[1:3] == (height, width):
-    return x
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear",
-                          antialias=False, precision=HIGHEST)
-
-
 def _box_sum(x: jnp.ndarray, size: int) -> jnp.ndarray:
   """size x size window sums per channel, stride 1, zero padding (size - 1) // 2. (B,h,w,C)."""
   pad = (size - 1) // 2
@@ -85,7 +72,7 @@ def _closed_form(first: jnp.ndarray, second: jnp.ndarray) -> jnp.ndarray:
   a = (_box_sum(first, 5) + first) / 26.0
   s = _box_sum(second, 5)
   b = (s[..., 0::2] + s[..., 1::2]) / 50.0
-  b = resize_bilinear(b, first.shape[1], first.shape[2])
+  b = resize_bilinear(b, first.shape[1], first.shape[2], align_corners=False)
   return jnp.concatenate([a, b], axis=-1)
 
 
@@ -116,7 +103,7 @@ def _general(taps: Sequence[jnp.ndarray], patchsize: int, patchstride: int,
     if out is None:
       out = y
     else:
-      out = out + resize_bilinear(y, out.shape[1], out.shape[2])
+      out = out + resize_bilinear(y, out.shape[1], out.shape[2], align_corners=False)
   return out
 
 
@@ -135,49 +122,20 @@ def aggregate(taps: Sequence[jnp.ndarray], *, patchsize: int, patchstride: int,
   return _general(taps, patchsize, patchstride, pretrain_dim, target_dim)
 
 
-def _precision(config):
-  name = config.model.get("backbone_precision", "highest")
-  if name not in PRECISIONS:
-    raise ConfigError(f"model.backbone_precision={name!r}: expected one of {sorted(PRECISIONS)}")
-  return PRECISIONS[name]
-
-
-def backbone_module(config):
-  """The frozen Flax backbone of `config.model` (taps `model.layers`), without variables."""
-  return backbones.get_backbone(config.model.backbone).module(tuple(config.model.layers),
-                                                              precision=_precision(config))
-
-
-def load_frozen_backbone(config, random_key: jax.Array):
-  """(module, variables, info) of `config.model`'s backbone (`backbones.load_backbone`).
-
-  With model.backbone_weights unset, the backbone is random when model.allow_random_backbone
-  (demo, tiny) and refused otherwise (the paper presets), naming the file to supply.
-  """
-  m = config.model
-  return backbones.load_backbone(
-      m.backbone, m.backbone_weights or None, tuple(m.layers),
-      random_key=random_key if m.allow_random_backbone else None, precision=_precision(config))
-
-
 def descriptors(config, variables, images: jnp.ndarray) -> jnp.ndarray:
   """Patch descriptors of grey slices.
 
   images: float32 (B, H, W, 1) in [0, 1]. Returns float32 (B, h, w, model.target_embed_dim).
   """
   m = config.model
-  x = jnp.repeat(jnp.asarray(images, jnp.float32), 3, axis=-1)
-  if m.normalize:
-    x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-  taps = backbone_module(config).apply(variables, x)
-  return aggregate([taps[name] for name in m.layers], patchsize=m.patchsize,
+  return aggregate(feature_extractor.extract(m, variables, images), patchsize=m.patchsize,
                    patchstride=m.patchstride, pretrain_dim=m.pretrain_embed_dim,
                    target_dim=m.target_embed_dim)
 
 
 def descriptor_grid(config) -> tuple[int, int]:
   """(h, w) patch grid of one `data.image_size` slice (traced on shapes only)."""
-  module = backbone_module(config)
+  module = feature_extractor.backbone_module(config.model)
   size = config.data.image_size
   images = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
   out = jax.eval_shape(functools.partial(descriptors, config),

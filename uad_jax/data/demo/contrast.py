@@ -7,8 +7,8 @@ in the same units (synth_lesions.py).
 
 import numpy as np
 
-from uad_jax.data import synth_anatomy
-from uad_jax.data import synth_lesions
+from uad_jax.data.demo import anatomy as synth_anatomy
+from uad_jax.data.demo import lesions as synth_lesions
 
 # Relative T2w signal of pure tissue (demo_cohort.md): CSF brightest, then GM, then WM.
 T2_WEIGHTS = {"csf": 1.0, "gm": 0.65, "wm": 0.45}
