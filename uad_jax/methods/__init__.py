@@ -11,6 +11,7 @@ from uad_jax.methods.contract import Method
 
 REGISTRY = {
     "andi": "uad_jax.methods.andi",
+    "fae": "uad_jax.methods.fae",
     "patchcore": "uad_jax.methods.patchcore.method",
 }
 METHODS = tuple(REGISTRY)
