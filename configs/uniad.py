@@ -77,7 +77,7 @@ def get_config(preset=None):
     config.training.log_freq = 1
     config.training.preview_images = 1
     config.eval.split_size = 4
-    config.eval.step = 0
+    config.eval.step = -1
   elif preset not in (None, "", "paper"):
     raise ValueError(f"unknown preset {preset!r} for configs/uniad.py; use 'demo', 'tiny' or "
                      "'paper'")

@@ -65,7 +65,7 @@ def check_transformer(fx, train: bool):
   taps, noise = split_inputs(fx)
   if train and noise is None:
     pytest.fail(f"{fx}: a train-mode fixture without a jitter noise input")
-  features = uniad.align_features(taps, config.model.feature_size)
+  features = uniad.align_taps(config, taps)
   recon, inter = jax.jit(lambda p, f, n: model.apply(
       {"params": p}, f, n, train=train, return_intermediates=True,
       rngs={"dropout": jax.random.key(0)}))(params, features, noise)

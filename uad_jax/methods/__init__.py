@@ -13,6 +13,7 @@ REGISTRY = {
     "andi": "uad_jax.methods.andi",
     "fae": "uad_jax.methods.fae",
     "patchcore": "uad_jax.methods.patchcore.method",
+    "uniad": "uad_jax.methods.uniad",
 }
 METHODS = tuple(REGISTRY)
 
