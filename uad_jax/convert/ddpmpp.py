@@ -1,10 +1,17 @@
-"""PyTorch reference DDPMpp state_dict <-> Flax params (spec `methods/andi.md` §2.8).
+"""PyTorch reference DDPMpp state_dict <-> Flax params (spec `methods/andi.md` §2.8,
+`methods/itermask.md` §5 for the BatchNorm variant).
 
 The parameter table is derived from the network's module plan (`DDPMpp.plan()`), so it follows
-any configuration (ANDi, DISYRE, RIAD, the small fixture configs). Its order is the reference's
-`named_parameters()` order, which is also the order of the unnamed EMA `shadow_params` list in
-`custom_checkpoint_0.pkl`. Never zip that list with the keys of `model.safetensors`: safetensors
-sorts keys as strings (`all_modules.10` before `all_modules.2`).
+any configuration (ANDi, DISYRE, RIAD, IterMask, the small fixture configs). Its order is the
+reference's `named_parameters()` order, which is also the order of the unnamed EMA
+`shadow_params` list in `custom_checkpoint_0.pkl`. Never zip that list with the keys of
+`model.safetensors`: safetensors sorts keys as strings (`all_modules.10` before `all_modules.2`).
+
+BatchNorm networks (norm 'batch') also have buffers `running_mean`/`running_var` (Flax
+collection 'batch_stats': `mean`/`var`) and `num_batches_tracked` (dropped): `torch_to_flax`
+takes the parameters and accepts these buffers, `batch_stats_from_torch` takes the statistics.
+The reference's EMA never covers buffers, so its scoring weights are the EMA parameters with the
+raw model's running statistics.
 """
 
 import dataclasses
@@ -19,6 +26,9 @@ from uad_jax.networks.ddpmpp import DDPMpp
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Buffers of the reference module that are not parameters.
 _BUFFERS = ("step",)
+# BatchNorm buffers: running statistics (converted) and the update counter (dropped).
+_BN_STATS = (("running_mean", "mean"), ("running_var", "var"))
+_BN_COUNTER = "num_batches_tracked"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,12 @@ def parameter_table(model: DDPMpp) -> list[ParamEntry]:
     add(index, f"{torch_mod}weight", (c,), path + ("scale",), "vector")
     add(index, f"{torch_mod}bias", (c,), path + ("bias",), "vector")
 
+  # Torch names inside a ResBlock: ANDi's layerspp (GroupNorm_0, Conv_0, out_layers =
+  # [GN, Dropout, conv]) or IterMask's (norm, Conv_1, out_layers = [BN, SiLU, Dropout, conv]).
+  batch = model.norm == "batch"
+  nrm = "BN" if batch else "GN"
+  rb_norm_0, rb_conv_0 = ("norm.", "Conv_1.") if batch else ("GroupNorm_0.", "Conv_0.")
+  rb_conv_1 = "out_layers.3." if batch else "out_layers.2."
   for i, m in enumerate(model.plan()):
     p = (m.name,)
     if m.kind == "temb_dense":
@@ -60,23 +76,45 @@ def parameter_table(model: DDPMpp) -> list[ParamEntry]:
     elif m.kind == "norm":
       add_norm(i, "", p, m.c_out)
     elif m.kind == "resblock":
-      add_norm(i, "GroupNorm_0.", p + ("GN_0",), m.c_in)
-      add_conv(i, "Conv_0.", p + ("Conv_0",), m.c_in, m.c_out, 3)
+      add_norm(i, rb_norm_0, p + (f"{nrm}_0",), m.c_in)
+      add_conv(i, rb_conv_0, p + ("Conv_0",), m.c_in, m.c_out, 3)
       if model.embedding_type is not None:
         add_dense(i, "emb_layers.1.", p + ("Dense_emb",), temb_dim, 2 * m.c_out)
-      add_norm(i, "out_layers.0.", p + ("GN_1",), m.c_out)
-      add_conv(i, "out_layers.2.", p + ("Conv_1",), m.c_out, m.c_out, 3)
+      add_norm(i, "out_layers.0.", p + (f"{nrm}_1",), m.c_out)
+      add_conv(i, rb_conv_1, p + ("Conv_1",), m.c_out, m.c_out, 3)
       if m.has_skip_conv:
         add_conv(i, "Conv_2.", p + ("Conv_2",), m.c_in, m.c_out, 1)
     elif m.kind == "attn":
       c = m.c_out
-      add_norm(i, "norm.", p + ("GN",), c)
+      add_norm(i, "norm.", p + (nrm,), c)
       add_dense(i, "proj_in.", p + ("Dense_in",), c, c)
       add_dense(i, "qkv.", p + ("Dense_qkv",), c, 3 * c, bias=False)
       add_dense(i, "proj_out.", p + ("Dense_out",), c, c)
     else:
       raise ValueError(f"unknown module kind {m.kind!r} in the DDPMpp plan")
   return table
+
+
+def batch_stats_table(model: DDPMpp) -> list[ParamEntry]:
+  """The running statistics of a BatchNorm network (empty for GroupNorm), in state_dict order:
+  one (running_mean, running_var) pair per norm layer, each beside its `weight` entry."""
+  if model.norm != "batch":
+    return []
+  table = []
+  for e in parameter_table(model):
+    if e.flax_path[-1] == "scale":
+      module = e.torch_name[:-len("weight")]
+      for torch_stat, flax_stat in _BN_STATS:
+        table.append(ParamEntry(module + torch_stat, e.torch_shape,
+                                e.flax_path[:-1] + (flax_stat,), "vector"))
+  return table
+
+
+def _bn_buffer_names(model: DDPMpp) -> set[str]:
+  """Every BatchNorm buffer key of the state_dict (statistics and counters)."""
+  names = {e.torch_name for e in batch_stats_table(model)}
+  return names | {n.rsplit(".", 1)[0] + "." + _BN_COUNTER
+                  for n in names if n.endswith("running_mean")}
 
 
 def named_parameters(model: DDPMpp) -> list[str]:
@@ -107,41 +145,61 @@ def _strip(name: str) -> str:
   return name
 
 
-def torch_to_flax(state_dict: Mapping[str, np.ndarray], model: DDPMpp, source: str = "state_dict"
-                  ) -> dict:
-  """Maps a reference state_dict (name -> NCHW-layout array) to a Flax params tree of `model`.
-
-  `module.` / `_orig_mod.` prefixes are stripped and the `step` buffer ignored. Every expected
-  parameter must be present with its exact shape and no unknown key may remain; errors name
-  `source` (e.g. the checkpoint file) and the key. Returns nested dicts of float32 numpy arrays.
-  """
+def _stripped_arrays(state_dict: Mapping[str, np.ndarray], source: str) -> dict:
   arrays = {}
   for name, value in state_dict.items():
     key = _strip(name)
     if key in arrays:
       raise DataError(f"{source}: parameter {key!r} appears twice (after stripping prefixes)")
     arrays[key] = np.asarray(value)
-  for buffer in _BUFFERS:
-    arrays.pop(buffer, None)
+  return arrays
 
-  params: dict = {}
-  for entry in parameter_table(model):
+
+def _take(arrays: dict, table: list[ParamEntry], source: str, what: str) -> dict:
+  """Pops every entry of `table` from `arrays` into a nested Flax tree (float32, Flax layout)."""
+  tree: dict = {}
+  for entry in table:
     if entry.torch_name not in arrays:
-      raise DataError(f"{source}: missing parameter {entry.torch_name!r} "
+      raise DataError(f"{source}: missing {what} {entry.torch_name!r} "
                       f"(expected shape {entry.torch_shape})")
     value = arrays.pop(entry.torch_name)
     if value.shape != entry.torch_shape:
-      raise DataError(f"{source}: parameter {entry.torch_name!r} has shape {value.shape}, "
+      raise DataError(f"{source}: {what} {entry.torch_name!r} has shape {value.shape}, "
                       f"expected {entry.torch_shape} for this model config")
-    node = params
+    node = tree
     for part in entry.flax_path[:-1]:
       node = node.setdefault(part, {})
     node[entry.flax_path[-1]] = np.ascontiguousarray(_to_flax(value, entry.layout),
                                                      dtype=np.float32)
+  return tree
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], model: DDPMpp, source: str = "state_dict"
+                  ) -> dict:
+  """Maps a reference state_dict (name -> NCHW-layout array) to a Flax params tree of `model`.
+
+  `module.` / `_orig_mod.` prefixes are stripped and the `step` buffer ignored (as are the
+  BatchNorm buffers of a norm 'batch' model: `batch_stats_from_torch`). Every expected parameter
+  must be present with its exact shape and no unknown key may remain; errors name `source` (e.g.
+  the checkpoint file) and the key. Returns nested dicts of float32 numpy arrays.
+  """
+  arrays = _stripped_arrays(state_dict, source)
+  for buffer in set(_BUFFERS) | _bn_buffer_names(model):
+    arrays.pop(buffer, None)
+  params = _take(arrays, parameter_table(model), source, "parameter")
   if arrays:
     raise DataError(f"{source}: {len(arrays)} keys that this model config does not have, e.g. "
                     f"{sorted(arrays)[:5]}")
   return params
+
+
+def batch_stats_from_torch(state_dict: Mapping[str, np.ndarray], model: DDPMpp,
+                           source: str = "state_dict") -> dict:
+  """The Flax 'batch_stats' tree ({..: {mean, var}}) of a norm 'batch' model from the reference
+  state_dict's running statistics ({} for GroupNorm models); parameters and other buffers are
+  ignored (`torch_to_flax` checks those). Every running statistic must be present."""
+  arrays = _stripped_arrays(state_dict, source)
+  return _take(arrays, batch_stats_table(model), source, "BatchNorm buffer")
 
 
 def shadow_params_to_state_dict(shadow_params: Sequence[np.ndarray], model: DDPMpp,

@@ -1,4 +1,5 @@
-"""The DDPM++-style U-Net of the reference (`models/ANDi/DDPMpp.py`), shared by ANDi, DISYRE, RIAD.
+"""The DDPM++-style U-Net of the reference (`models/ANDi/DDPMpp.py`), shared by ANDi, DISYRE,
+RIAD and (in its BatchNorm variant, `models/IterMask/UNet.py`) IterMask.
 
 The network is described once by `module_plan`: the reference's `all_modules` list in its order
 (index i of the plan = torch module `all_modules.{i}`), each entry naming its Flax submodule.
@@ -6,7 +7,9 @@ The network is described once by `module_plan`: the reference's `all_modules` li
 derived from the same plan, so they cannot drift apart.
 
 Configuration differences between the methods are attributes: ANDi/DISYRE use a positional time
-embedding and rescaled (÷√2) residual sums; RIAD has no time embedding and no rescaling.
+embedding and rescaled (÷√2) residual sums; RIAD has no time embedding and no rescaling;
+IterMask has neither and `norm='batch'` (BatchNorm everywhere, SiLU after the blocks' second
+norm; train mode then updates the 'batch_stats' collection).
 """
 
 import dataclasses
@@ -122,7 +125,8 @@ class DDPMpp(nn.Module):
   """DDPM++ U-Net f(x, t) (NHWC).
 
   Call: x (B, H, W, C_in) with H = W = image_size; t (B,) float (fed unscaled to the embedding;
-  ignored when embedding_type is None); train enables dropout (rng collection 'dropout').
+  ignored when embedding_type is None); train enables dropout (rng collection 'dropout') and,
+  with norm 'batch', BatchNorm's batch statistics (apply with mutable=['batch_stats']).
   Returns (B, H, W, out_channels) float32. Parameters are float32, `dtype` is the computation
   dtype. The sinusoidal time embedding is sown as intermediates/temb_sinusoidal; the output of
   plan module m is intermediates/<m.name>/__call__ under `apply(..., capture_intermediates=True,
@@ -141,6 +145,7 @@ class DDPMpp(nn.Module):
   in_channels: int = 1
   out_channels: int = 1
   conv_weight_grad: str = "xla"
+  norm: str = "group"
   dtype: Any = jnp.float32
 
   def plan(self) -> list[PlannedModule]:
@@ -172,20 +177,24 @@ class DDPMpp(nn.Module):
         if m.pop_skip:
           h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = layers.ResBlock(m.c_out, m.mode, m.dropout, self.rescale, self.conv_weight_grad,
-                            self.dtype, name=m.name)(h, temb, train)
+                            self.norm, self.dtype, name=m.name)(h, temb, train)
       elif m.kind == "attn":
-        h = layers.CausalSelfAttention(self.attn_emb_dim, m.dropout, self.rescale, self.dtype,
-                                       name=m.name)(h, train)
-      else:  # 'norm': the output head's GroupNorm, followed by SiLU
-        h = nn.silu(layers.GroupNorm(dtype=self.dtype, name=m.name)(h))
+        h = layers.CausalSelfAttention(self.attn_emb_dim, m.dropout, self.rescale, self.norm,
+                                       self.dtype, name=m.name)(h, train)
+      else:  # 'norm': the output head's GroupNorm (BatchNorm), followed by SiLU
+        h = nn.silu(layers.normalize(self.norm, h, train, self.dtype, m.name))
       if m.push_skip:
         skips.append(h)
     return h.astype(jnp.float32)
 
 
-def ddpmpp_from_config(model_config, image_size: int, dtype: Any = jnp.float32) -> DDPMpp:
+def ddpmpp_from_config(model_config, image_size: int, dtype: Any = jnp.float32,
+                       in_channels: Optional[int] = None) -> DDPMpp:
   """A DDPMpp from `config.model` (keys as in spec `methods/andi.md` §2.1).
 
+  model.num_channels: input and output channels; `in_channels` overrides the input's (IterMask's
+  masked AE takes [image, condition], 2 channels, and outputs 1).
+  model.norm (optional): 'group' (default) or 'batch' (IterMask).
   model.conv_weight_grad (optional, not a reference key): 'xla' | 'row_chunks' | 'auto' (the
   default: 'row_chunks' on a single CPU device, where it makes training faster, else 'xla'; its
   scan over rows would all-reduce every block under batch sharding).
@@ -200,11 +209,15 @@ def ddpmpp_from_config(model_config, image_size: int, dtype: Any = jnp.float32) 
   if weight_grad not in layers.CONV3X3_WEIGHT_GRADS:
     raise ConfigError(f"model.conv_weight_grad {weight_grad!r}: expected 'auto' or one of "
                       f"{sorted(layers.CONV3X3_WEIGHT_GRADS)}")
+  norm = model_config.get("norm", "group")
+  if norm not in layers.NORMS:
+    raise ConfigError(f"model.norm {norm!r}: expected one of {layers.NORMS}")
   channels = model_config.get("num_channels", 1)
   return DDPMpp(image_size=image_size, nf=model_config.nf, ch_mult=tuple(model_config.ch_mult),
                 num_res_blocks=tuple(model_config.num_res_blocks),
                 attn_resolutions=tuple(model_config.attn_resolutions),
                 attn_emb_dim=model_config.attn_emb_dim, dropout=model_config.dropout,
                 dropout_at=model_config.dropout_at, rescale=model_config.rescale,
-                embedding_type=model_config.embedding_type, in_channels=channels,
-                out_channels=channels, conv_weight_grad=weight_grad, dtype=dtype)
+                embedding_type=model_config.embedding_type,
+                in_channels=channels if in_channels is None else in_channels,
+                out_channels=channels, conv_weight_grad=weight_grad, norm=norm, dtype=dtype)

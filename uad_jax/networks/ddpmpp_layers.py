@@ -4,6 +4,11 @@ The blocks reproduce the reference exactly, quirks included (spec `methods/andi.
 no activation after the time-modulated GroupNorm, convolution before nearest upsampling, a 1×1
 skip convolution on every up/down block, causal attention over the raster order of the pixels.
 Parameters are float32; `dtype` is the computation dtype (e.g. bfloat16).
+
+Normalisation `norm`: 'group' (ANDi, DISYRE, RIAD) or 'batch', IterMask's variant
+(`models/IterMask/layerspp.py`, spec `methods/itermask.md` §2.2): torch-semantics BatchNorm
+(batch statistics in train mode, running statistics in eval mode) and, in the residual blocks,
+a SiLU after the second norm.
 """
 
 from typing import Any, Optional
@@ -12,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from uad_jax.ops.batchnorm import BatchNorm
 
 Dtype = Any
 SQRT2 = float(np.sqrt(2.0))  # a Python float stays weakly typed: no promotion under x64
@@ -69,6 +76,25 @@ class GroupNorm(nn.Module):
     var = group_mean(jnp.square(centred).sum(axis=(1, 2)))
     y = centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
     return y.astype(self.dtype)
+
+
+NORMS = ("group", "batch")
+
+
+def normalize(kind: str, x, train: bool, dtype: Dtype, name: str):
+  """The block's norm layer `name` applied to x (B, H, W, C): 'group' (`GroupNorm`) or 'batch'
+  (`BatchNorm`, batch statistics when `train`, updating collection 'batch_stats'). Call it inside
+  a compact module: the layer becomes that module's submodule."""
+  if kind == "group":
+    return GroupNorm(dtype=dtype, name=name)(x)
+  if kind == "batch":
+    return BatchNorm(dtype=dtype, name=name)(x, use_running_average=not train)
+  raise ValueError(f"norm {kind!r}: expected one of {NORMS}")
+
+
+def norm_prefix(kind: str) -> str:
+  """Flax name prefix of a block's norm layers: 'GN' (group) or 'BN' (batch)."""
+  return {"group": "GN", "batch": "BN"}[kind]
 
 
 class Conv1x1(nn.Module):
@@ -208,29 +234,34 @@ class ResBlock(nn.Module):
   [scale | shift] = Dense_emb(SiLU(temb)); there is no activation after it (reference quirk).
   Without one (RIAD) GN_1 is plain. The 1×1 Conv_2 is applied on the skip whenever the channel
   count changes or the block resamples. rescale divides the residual sum by sqrt(2).
+  norm 'batch' (IterMask): BN_0, BN_1 instead of GN_0, GN_1, and SiLU after BN_1.
   """
   c_out: int
   mode: str = "plain"
   dropout: float = 0.0
   rescale: bool = True
   conv_weight_grad: str = "xla"
+  norm: str = "group"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb: Optional[jnp.ndarray], train: bool):
     c_in = x.shape[-1]
-    h = nn.silu(GroupNorm(dtype=self.dtype, name="GN_0")(x))
+    prefix = norm_prefix(self.norm)
+    h = nn.silu(normalize(self.norm, x, train, self.dtype, f"{prefix}_0"))
     if self.mode == "down":
       h, x = avg_pool_2x2(h), avg_pool_2x2(x)
     h = Conv3x3(self.c_out, weight_grad=self.conv_weight_grad, dtype=self.dtype, name="Conv_0")(h)
     if self.mode == "up":
       h = nearest_up_2x(h)
-    h = GroupNorm(dtype=self.dtype, name="GN_1")(h)
+    h = normalize(self.norm, h, train, self.dtype, f"{prefix}_1")
     if temb is not None:
       emb = nn.Dense(2 * self.c_out, dtype=self.dtype, kernel_init=default_init,
                      bias_init=zeros_init, name="Dense_emb")(nn.silu(temb))
       scale, shift = jnp.split(emb[:, None, None, :], 2, axis=-1)
       h = h * (1 + scale) + shift
+    if self.norm == "batch":
+      h = nn.silu(h)   # IterMask's out_layers: BN, SiLU, Dropout, conv
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = Conv3x3(self.c_out, zero_init=True, weight_grad=self.conv_weight_grad, dtype=self.dtype,
                 name="Conv_1")(h)
@@ -252,17 +283,20 @@ class CausalSelfAttention(nn.Module):
   depend on it (spec §4 item 1). head_dim = attn_emb_dim, heads = C / head_dim; q, k, v are the
   consecutive C-column blocks of Dense_qkv (no bias) and head j owns channels [j·d, (j+1)·d).
   No dropout on the attention probabilities; dropout after Dense_out (zero-initialised).
+  The input norm (no activation) is GN or, with norm 'batch', BN.
   """
   head_dim: int
   dropout: float = 0.0
   rescale: bool = True
+  norm: str = "group"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     b, hgt, wid, c = x.shape
     heads = c // self.head_dim
-    h = GroupNorm(dtype=self.dtype, name="GN")(x).reshape(b, hgt * wid, c)
+    h = normalize(self.norm, x, train, self.dtype, norm_prefix(self.norm))
+    h = h.reshape(b, hgt * wid, c)
     h = nn.Dense(c, dtype=self.dtype, kernel_init=torch_linear_kernel_init,
                  bias_init=torch_linear_bias_init(c), name="Dense_in")(h)
     qkv = nn.Dense(3 * c, use_bias=False, dtype=self.dtype, kernel_init=torch_linear_kernel_init,
