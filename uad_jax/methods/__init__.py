@@ -11,7 +11,9 @@ from uad_jax.methods.contract import Method
 
 REGISTRY = {
     "andi": "uad_jax.methods.andi",
+    "disyre": "uad_jax.methods.disyre.method",
     "fae": "uad_jax.methods.fae",
+    "itermask": "uad_jax.methods.itermask.method",
     "patchcore": "uad_jax.methods.patchcore.method",
     "uniad": "uad_jax.methods.uniad",
 }

@@ -7,5 +7,3 @@ texture, intensity bias), `severity.py` (severity -> label schedule), `sliding_w
 (window layout, extraction and Gaussian-weighted folding), `codebook.py` (k-means intensity
 codebook, the prepared artefact).
 """
-
-from uad_jax.methods.disyre.method import METHOD  # noqa: F401  (the registry reads it)
