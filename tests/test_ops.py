@@ -1,6 +1,7 @@
 """Shared ops (`uad_jax/ops/`) against independent numpy implementations of torch's definitions,
 and the op fixtures of the reference (checks in `ops_checks.py`)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +52,6 @@ def test_batchnorm_train_mode_matches_torch_rules():
 
 
 def test_batchnorm_eval_mode_uses_running_stats_and_matches_flax():
-  import flax.linen as nn
   x = _rng().normal(size=(2, 4, 4, 3)).astype(np.float32)
   variables = {"params": {"scale": np.float32([0.5, 2.0, -1.0]),
                           "bias": np.float32([0.1, 0.0, -0.3])},
