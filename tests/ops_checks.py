@@ -60,7 +60,11 @@ def check_ssim_eval_map(fx):
 
 
 def check_gms_ssim(fx):
-  """RIAD's MSGMS score map and training-loss terms (SSIM window 11 'valid') of (u, v)."""
+  """RIAD's MSGMS score map and training-loss terms (SSIM window 11 'valid') of (u, v).
+
+  The sidecar's notes say the SSIM is zero-padded, but its stored `ssim_loss` is the valid-map
+  value (riad.md §2.4: 0.434850 valid, 0.444203 padded).
+  """
   u, v = (nhwc(a) for a in _inputs(fx))
   l2 = jnp.mean(jnp.square(u - v))
   msgms = gms.msgms_loss(u, v)
