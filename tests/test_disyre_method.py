@@ -67,6 +67,16 @@ def test_random_crop_or_pad_bounds():
     np.testing.assert_array_equal(out[:, 3:13], image[top:top + 16])
 
 
+def test_deformed_samples_when_the_first_slice_is_smaller_than_the_patch():
+  """The centre range U(P/2, S⁰ - P/2) is reversed when S⁰ < P: still a value between."""
+  images = [np.ones((6, 9), np.float32), np.ones((30, 30), np.float32)]
+  cfg = augment.AugmentConfig(p_scale=1.0, **{k: 0.0 for k in (
+      "p_elastic", "p_rotation", "p_brightness", "p_gamma", "p_inverted_gamma", "p_noise",
+      "p_blur")})
+  out = augment.spatial_augment(images, 16, np.random.default_rng(0), cfg)
+  assert out.shape == (2, 16, 16) and np.isfinite(out).all()
+
+
 def test_foreground_crop():
   image = np.zeros((10, 12))
   image[2:5, 3:9] = 1

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from uad_jax.errors import ConfigError, DataError
 from uad_jax.methods.disyre.augment import centred_grid, foreground_crop, random_crop_or_pad
-from uad_jax.methods.disyre.augment import rotate_coords
+from uad_jax.methods.disyre.augment import rotate_coords, uniform_between
 
 REFERENCE_ANOMALY_PATCH = 64   # the reference's data.anom_patch_size, which its shape sizes fit
 
@@ -90,7 +90,7 @@ def dataset_shape(cfg: AnomalyConfig, rng: np.random.Generator) -> np.ndarray:
   """A random mask of the shape dataset, warped with a rotation (always) and a scale drawn from
   U(0.5, 1) or U(1, 0.75) w.p. 0.5 each (the reference's ranges; s < 1 enlarges the shape)."""
   mask = cfg.shape_masks[int(rng.integers(len(cfg.shape_masks)))]
-  scale = rng.uniform(0.5, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, 0.75)
+  scale = rng.uniform(0.5, 1.0) if rng.random() < 0.5 else uniform_between(rng, 1.0, 0.75)
   return warp_mask(mask, cfg.patch, 1.0, scale, rng)
 
 

@@ -30,6 +30,12 @@ class AugmentConfig:
     return cls(**{f.name: float(augment[f.name]) for f in dataclasses.fields(cls)})
 
 
+def uniform_between(rng: np.random.Generator, low: float, high: float) -> float:
+  """low + (high - low)·U[0, 1): numpy's legacy `np.random.uniform`, which the reference calls,
+  also when high < low (a value between the bounds); Generator.uniform refuses that case."""
+  return low + (high - low) * rng.random()
+
+
 def foreground_crop(image: np.ndarray) -> np.ndarray:
   """The bounding box of the non-zero pixels (the whole image when there are none)."""
   rows, cols = np.nonzero(image)
@@ -108,9 +114,8 @@ def spatial_augment(images: list, patch: int, rng: np.random.Generator,
     if deformed:
       coords -= coords.mean(axis=(1, 2), keepdims=True)
       for d in range(2):
-        # numpy (like the reference's np.random.uniform) returns a value between the bounds
-        # even when S⁰ < P makes the lower bound the larger one.
-        coords[d] += rng.uniform(patch / 2, first_shape[d] - patch / 2)
+        # S⁰ < P makes the lower bound the larger one: still a value between the bounds.
+        coords[d] += uniform_between(rng, patch / 2, first_shape[d] - patch / 2)
       out[b] = ndimage.map_coordinates(image.astype(np.float64), coords, order=3,
                                        mode="constant", cval=0.0)
     else:
