@@ -15,6 +15,7 @@ REGISTRY = {
     "fae": "uad_jax.methods.fae",
     "itermask": "uad_jax.methods.itermask.method",
     "patchcore": "uad_jax.methods.patchcore.method",
+    "reverse_distillation": "uad_jax.methods.reverse_distillation",
     "uniad": "uad_jax.methods.uniad",
 }
 METHODS = tuple(REGISTRY)
