@@ -20,7 +20,8 @@ Config keys read (ml_collections.ConfigDict):
   augment.{p_elastic, p_rotation, p_scale, p_brightness, p_gamma, p_inverted_gamma, p_noise,
     p_blur}; optim (`engine/optim.py`);
   sampling.{n_steps, window_step}: scoring conditionings and window step fraction;
-  eval.sw_batch_size: windows per network call when scoring; training.{compute_dtype,
+  eval.sw_batch_size: about this many windows per network call when scoring (`restorations`);
+    training.{compute_dtype,
     preview_images}.
 """
 
@@ -141,26 +142,36 @@ def restorations(model: DDPMpp, params, x: jnp.ndarray, ts: np.ndarray, layout: 
                  windows_per_call: int) -> jnp.ndarray:
   """One-step sliding-window restorations of x (B, H, W, 1) in [-1, 1] under every t in ts.
 
-  All windows of all slices under all conditionings form one batch of T·B·n_windows network
-  inputs, evaluated windows_per_call at a time in a lax.map (bounded memory). Returns
-  (T, B, H, W, 1) float32.
+  The T·n_windows network inputs of each slice (every window under every conditioning) are
+  evaluated k = ceil(windows_per_call / B) per slice at a time, i.e. about windows_per_call
+  windows per network call (the reference's sw_batch_size: 155 slices, 310 windows -> 32
+  calls), in a lax.map (bounded memory). The slice axis stays the leading axis of every call,
+  so a batch sharded over devices stays sharded. Returns (T, B, H, W, 1) float32.
   """
   windows = sw.extract_windows(x, layout)                        # (B, n, P, P, C)
   b, n = windows.shape[:2]
-  inputs = jnp.broadcast_to(windows[None], (len(ts),) + windows.shape)
-  inputs = inputs.reshape((-1,) + windows.shape[2:])
-  t = jnp.repeat(jnp.asarray(ts, jnp.float32), b * n)
-  total = inputs.shape[0]
-  per_call = max(1, min(windows_per_call, total))
-  calls = -(-total // per_call)
-  pad = calls * per_call - total
-  inputs = jnp.pad(inputs, ((0, pad),) + ((0, 0),) * 3).reshape(
-      (calls, per_call) + inputs.shape[1:])
-  t = jnp.pad(t, (0, pad)).reshape(calls, per_call)
-  out = jax.lax.map(lambda a: model.apply({"params": params}, a[0], a[1], train=False),
-                    (inputs, t))
-  out = out.reshape((-1,) + out.shape[2:])[:total]
-  return sw.fold_windows(out.reshape((len(ts), b, n) + out.shape[1:]), layout)
+  m = len(ts) * n
+  inputs = jnp.broadcast_to(windows[:, None], (b, len(ts)) + windows.shape[1:])
+  inputs = inputs.reshape((b, m) + windows.shape[2:])            # per slice: (t, window) pairs
+  t = jnp.broadcast_to(jnp.repeat(jnp.asarray(ts, jnp.float32), n)[None], (b, m))
+  k = min(m, max(1, -(-windows_per_call // b)))
+  calls = -(-m // k)
+  pad = calls * k - m
+  inputs = jnp.pad(inputs, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+  t = jnp.pad(t, ((0, 0), (0, pad)))
+  inputs = jnp.moveaxis(inputs.reshape((b, calls, k) + inputs.shape[2:]), 1, 0)
+  t = jnp.moveaxis(t.reshape(b, calls, k), 1, 0)
+
+  def call(a):
+    w, tt = a                                                    # (B, k, P, P, C), (B, k)
+    y = model.apply({"params": params}, w.reshape((-1,) + w.shape[2:]), tt.reshape(-1),
+                    train=False)
+    return y.reshape(w.shape)
+
+  out = jnp.moveaxis(jax.lax.map(call, (inputs, t)), 0, 1)       # (B, calls, k, P, P, C)
+  out = out.reshape((b, calls * k) + out.shape[3:])[:, :m]
+  out = jnp.moveaxis(out.reshape((b, len(ts), n) + out.shape[2:]), 1, 0)   # (T, B, n, ...)
+  return sw.fold_windows(out, layout)
 
 
 def anomaly_maps(x: jnp.ndarray, restored: jnp.ndarray) -> jnp.ndarray:
