@@ -4,5 +4,3 @@
 high-frequency condition), `masks.py` (the AE's random training masks), `scoring.py` (the
 iterative mask-shrinking loop).
 """
-
-from uad_jax.methods.itermask.method import METHOD
