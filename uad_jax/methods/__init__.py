@@ -16,6 +16,7 @@ REGISTRY = {
     "itermask": "uad_jax.methods.itermask.method",
     "patchcore": "uad_jax.methods.patchcore.method",
     "reverse_distillation": "uad_jax.methods.reverse_distillation",
+    "riad": "uad_jax.methods.riad.method",
     "uniad": "uad_jax.methods.uniad",
 }
 METHODS = tuple(REGISTRY)
