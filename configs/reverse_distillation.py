@@ -60,6 +60,7 @@ def get_config(preset=None):
     config.training.snapshot_freq = 200
     config.training.log_freq = 20
     config.training.preview_images = 2
+    config.eval.step = -1               # the newest checkpoint
     config.eval.split_size = 64
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)
@@ -74,6 +75,7 @@ def get_config(preset=None):
     config.training.snapshot_freq = 2
     config.training.log_freq = 1
     config.training.preview_images = 1
+    config.eval.step = -1
     config.eval.split_size = 4
   elif preset not in (None, "", "paper"):
     raise ValueError(f"unknown preset {preset!r} for configs/reverse_distillation.py; use "
