@@ -1,8 +1,9 @@
-"""torchvision ResNet / EfficientNet state_dict -> Flax variables {'params', 'batch_stats'}.
+"""torchvision ResNet / EfficientNet (and EfficientNet-Lite) state_dict -> Flax variables.
 
-The single mapping used by `python -m uad_jax.tools.import_weights` and by the parity tests.
-Module paths are renamed per family (`layer2.0.downsample.1` -> `layer2_0/downsample_bn`,
-`features.3.1.block.2.fc1` -> `features_3_1/se_fc1`); leaves by what the Flax module is:
+The single mapping used by `python -m uad_jax.tools.import_weights`, by the packaged Lite
+weights and by the parity tests. Module paths are renamed per family (`layer2.0.downsample.1`
+-> `layer2_0/downsample_bn`, `features.3.1.block.2.fc1` -> `features_3_1/se_fc1`; Lite's
+lukemelas names in `efficientnet_lite.py`); leaves by what the Flax module is:
 
 | torch leaf | Flax conv | Flax BatchNorm |
 |---|---|---|
@@ -18,12 +19,14 @@ a DataError naming the key. Keys of stages after the deepest tap and of the clas
 ignored (never run by the feature extractor).
 """
 
+import functools
 import re
 from collections.abc import Mapping
 
 import numpy as np
 from flax import traverse_util
 
+from uad_jax.convert.efficientnet_lite import lite_module
 from uad_jax.errors import DataError
 from uad_jax.networks.backbones import abstract_variables
 from uad_jax.networks.efficientnet import EfficientNet
@@ -76,7 +79,8 @@ def _efficientnet_module(torch_module: str, tree_modules: set) -> tuple | None:
 
 
 def torchvision_to_flax(state_dict: Mapping, module, *, prefix: str = "") -> dict:
-  """Converts a torchvision state_dict (name -> array) for `module` (ResNet or EfficientNet).
+  """Converts a state_dict (name -> array) for `module` (ResNet or EfficientNet: torchvision
+  names; EfficientNet-Lite: the names of its PyTorch port).
 
   prefix: only keys starting with it are read, with it stripped (e.g. 'extractor.backbone.' for
     the backbone inside a reference training checkpoint); other keys are ignored.
@@ -85,6 +89,8 @@ def torchvision_to_flax(state_dict: Mapping, module, *, prefix: str = "") -> dic
   """
   if isinstance(module, ResNet):
     module_path = _resnet_module
+  elif isinstance(module, EfficientNet) and module.config.lite:
+    module_path = functools.partial(lite_module, config=module.config)
   elif isinstance(module, EfficientNet):
     module_path = _efficientnet_module
   else:

