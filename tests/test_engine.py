@@ -113,7 +113,7 @@ def test_train_calibrate_evaluate_writes_every_output(cohort, trained, tmp_path)
 
 def test_scoring_is_deterministic_and_zero_on_background(cohort, trained):
   config = tiny_config(cohort)
-  run = evaluate._Run(config, trained, None)   # pylint: disable=protected-access
+  run = evaluate.ScoringRun(config, trained, None)
   rng = np.random.default_rng(0)
   volume = rng.uniform(0.1, 1.0, (5, 16, 16)).astype(np.float32)
   volume[:, :3] = 0.0

@@ -54,7 +54,7 @@ def test_train_restore_calibrate_evaluate(name, cohort, tmp_path):
   assert np.all(np.isfinite(maps))
   assert not np.any(maps[image == 0])   # background scores 0
 
-  run = evaluate._Run(config, workdir, None)   # pylint: disable=protected-access
+  run = evaluate.ScoringRun(config, workdir, None)
   volume = image[None].repeat(3, axis=0)
   np.testing.assert_array_equal(run.scorer(volume, key_index=1),
                                 run.scorer(volume, key_index=1))

@@ -167,7 +167,7 @@ def test_calibrate_and_evaluate_carry_the_warning(cohort, fitted, tmp_path):
 
 
 def test_volume_scoring_is_deterministic_and_zero_on_background(cohort, fitted):
-  run = evaluate._Run(_config(cohort), fitted, None)   # pylint: disable=protected-access
+  run = evaluate.ScoringRun(_config(cohort), fitted, None)
   rng = np.random.default_rng(0)
   volume = rng.uniform(0.1, 1.0, (5, 32, 32)).astype(np.float32)
   volume[:, :7] = 0.0

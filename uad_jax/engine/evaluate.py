@@ -95,7 +95,7 @@ def scored_step(config, step: int | None) -> int | None:
   return None if configured < 0 else configured
 
 
-class _Run:
+class ScoringRun:
   """What every cohort of one calibrate/evaluate call shares: the restored states, the
   method's artefacts and calibration, the scorer."""
 
@@ -194,7 +194,7 @@ def example_panel(image, mask, maps) -> np.ndarray:
 
 def calibrate(config, ckpt, step: int | None = None) -> Path:
   """Writes `calibration.json` next to the checkpoint; returns its path."""
-  run = _Run(config, ckpt, step, calibrate_method=True)
+  run = ScoringRun(config, ckpt, step, calibrate_method=True)
   lesion_result = None
   if config.eval.val_lesion_csv:
     csv = required_path(config, "eval.val_lesion_csv")
@@ -224,7 +224,7 @@ def calibrate(config, ckpt, step: int | None = None) -> Path:
 def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
              cohorts: list[str] | None = None) -> dict:
   """Scores every cohort (or the named ones); returns {cohort: EvaluationResult}."""
-  run = _Run(config, ckpt, step)
+  run = ScoringRun(config, ckpt, step)
   calibrated = evaluation.load_artifact(run.step_dir)
   thresholds = evaluation.ThresholdSet.build(
       (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step),
