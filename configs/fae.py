@@ -76,11 +76,11 @@ def get_config(preset=None):
     m.featmap_size = 24
     m.channels = (4, 6, 8, 8)
     m.allow_random_backbone = True
-    config.training.n_iters = 4
+    config.training.n_iters = 2
     config.training.snapshot_freq = 2
     config.training.log_freq = 1
     config.training.preview_images = 1
-    config.eval.step = 4
+    config.eval.step = 2
     config.eval.split_size = 4
   elif preset not in (None, "", "paper"):
     raise ValueError(f"unknown preset {preset!r} for configs/fae.py; use 'demo', 'tiny', 't2w' "
