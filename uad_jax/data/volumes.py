@@ -121,6 +121,28 @@ def center_crop_pad(array: np.ndarray, size, axes: Sequence[int] = (-2, -1)) -> 
   return array
 
 
+def undo_center_crop_pad(array: np.ndarray, sizes: Sequence[int],
+                         axes: Sequence[int] = (-2, -1)) -> np.ndarray:
+  """The inverse placement of `center_crop_pad`: `array` (cropped/padded along `axes`) back on
+  a grid of `sizes` along those axes. Cropped-away regions are 0; padding is dropped."""
+  for n, axis in zip(sizes, axes):
+    size = array.shape[axis]
+    index = [slice(None)] * array.ndim
+    if n <= size:   # the axis was padded (or kept): drop the padding
+      before = (size - n) // 2
+      index[axis] = slice(before, before + n)
+      array = array[tuple(index)]
+    else:           # the axis was cropped at torchvision's offset: put it back there
+      shape = list(array.shape)
+      shape[axis] = n
+      out = np.zeros(shape, array.dtype)
+      offset = int(round((n - size) / 2.0))
+      index[axis] = slice(offset, offset + size)
+      out[tuple(index)] = array
+      array = out
+  return array
+
+
 def modality_of(image_path) -> str | None:
   """`'T1w'` / `'T2w'` from a BIDS file name ending `_T1w.nii[.gz]` / `_T2w.nii[.gz]`, else None."""
   m = _MODALITY_SUFFIX.search(Path(image_path).name)
