@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pickle
+import zlib
 
 import lmdb
 import numpy as np
@@ -72,21 +73,24 @@ def test_our_format_records_and_header(cohort, tmp_path):
   db = write_slice_database(csv, tmp_path / "out", progress=False)
   entries = _raw_entries(db)
   header = json.loads(entries[lmdb_format.HEADER_KEY])
-  assert header["format"] == "uad_jax.slices" and header["version"] == 1
+  assert header["format"] == "uad_jax.slices" and header["version"] == 2
   assert header["count"] == 5 + 4 + 5 == len(entries) - 1
   assert header["source_csv"] == {"path": str(csv.resolve()),
                                   "sha256": hashlib.sha256(csv.read_bytes()).hexdigest()}
   assert header["normalisation"] == {"method": "min-max", "clip_percentiles": None}
-  assert header["shape"] == [20, 20] and header["record"] == {"dtype": "<f4", "order": "C"}
+  assert header["shape"] == [20, 20] and header["record"] == {"dtype": "<f4", "order": "C",
+                                                     "checksum": "crc32-le-suffix"}
   assert [v["slice_indices"] for v in header["volumes"]] == [[1, 2, 3, 4, 5], [1, 2, 4, 5],
                                                              [1, 2, 3, 4, 5]]
   assert [v["first_key"] for v in header["volumes"]] == [0, 5, 9]
   assert header["volumes"][1]["meta"]["scanner"] == "scanner1"
-  # A record is the raw little-endian float32 slice: half the reference's float64 payload.
+  # A record is the raw little-endian float32 slice (half the reference's float64 payload) and
+  # the CRC-32 of those bytes.
   norm = reference_normalise(paths[1], np.float32)
   value = entries[b"00000007"]  # volume 1, kept slice #2 = slice index 4
-  assert value == np.ascontiguousarray(norm[:, :, 4], "<f4").tobytes()
-  assert len(value) == 20 * 20 * 4
+  data = np.ascontiguousarray(norm[:, :, 4], "<f4").tobytes()
+  assert value == data + zlib.crc32(data).to_bytes(4, "little")
+  assert len(value) == 20 * 20 * 4 + 4
 
 
 def test_reference_compatible_records_are_the_reference_pickles(cohort, tmp_path):
@@ -163,8 +167,8 @@ def _corrupt(db_dir, key, value):
 
 
 @pytest.mark.parametrize("reference_compatible, value, message", [
-    (False, b"\x00" * 100, "corrupt record: 100 bytes, expected 1600"),
-    (False, b"\x00" * 1604, "corrupt record: 1604 bytes, expected 1600"),
+    (False, b"\x00" * 100, "corrupt record: 100 bytes, expected 1604"),
+    (False, b"\x00" * 1608, "corrupt record: 1608 bytes, expected 1604"),
     (True, b"\x80\x04garbage", "corrupt or disallowed pickle record"),
     (True, pickle.dumps([1.0, 2.0]), "expected a 2-D float array, got list"),
     (True, pickle.dumps(np.zeros((2, 2, 2))), r"expected a 2-D float array, got array of shape"),
@@ -224,7 +228,7 @@ def test_wrong_format_version_and_incomplete_database(cohort, tmp_path):
                                       r"rebuild the database"):
     SliceDataSource(db)
   del header["volumes"]
-  header["version"] = 1
+  header["version"] = 2
   _corrupt(db, lmdb_format.HEADER_KEY, json.dumps(header).encode())
   with pytest.raises(DataError, match="key __meta__: malformed header .*volumes"):
     SliceDataSource(db)
@@ -258,6 +262,6 @@ def test_cli_same_flags_as_the_reference(cohort, tmp_path, capsys):
   assert SliceDataSource(tmp_path / "o1").format == "uad_jax"
   assert SliceDataSource(tmp_path / "o2").format == "reference"
   assert capsys.readouterr().out.strip().endswith("o2/slices")
-  assert create_lmdb_main(["-d", str(tmp_path / "missing.csv"), "-p", str(tmp_path / "o3")]) == 1
+  assert create_lmdb_main(["-d", str(tmp_path / "missing.csv"), "-p", str(tmp_path / "o3")]) == 2
   assert "missing.csv: split CSV not found" in capsys.readouterr().err
   assert not (tmp_path / "o3").exists()

@@ -5,28 +5,33 @@
 
 `--ckpt` is a training workdir (newest checkpoint, or `--step`), its `checkpoints/` folder, or
 one step folder. `--calibrate` scores the validation cohorts and stores the thresholds with the
-checkpoint; plain evaluation scores every cohort of `config.eval.cohorts` with them.
+checkpoint; plain evaluation scores every cohort of `config.eval.cohorts` with them (add one
+with `--config.eval.cohorts.NAME.csv=CSV [--config.eval.cohorts.NAME.lesion=false]`).
+`--print_config` lists every config key with its value; errors are one line (`--debug` shows
+the traceback).
 """
 
 import logging as std_logging
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from uad_jax import cli
 from uad_jax.engine import distributed, evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:preset]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, cli.config_help(), lock_config=True)
 _CKPT = flags.DEFINE_string("ckpt", None, "workdir, checkpoints/ folder or step folder")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "estimate thresholds on validation cohorts")
 _OUT = flags.DEFINE_string("out", None, "output folder (default: WORKDIR/eval/step_<N>)")
 _COHORTS = flags.DEFINE_list("cohorts", None, "evaluate only these cohorts of the config")
-flags.mark_flags_as_required(["config", "ckpt"])
+cli.define_flags(__name__)
 
 
 def main(argv):
   del argv
+  if not _CKPT.value:
+    raise cli.ConfigError("--ckpt is required (a training workdir, its checkpoints/ or a step)")
   distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)   # orbax and jax are chatty at INFO
   std_logging.getLogger("uad_jax").setLevel(std_logging.INFO)
@@ -37,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main, prog="uad_jax.eval")

@@ -3,12 +3,14 @@
   python -m uad_jax.data.create_lmdb -d train_T1w.csv -p out_dir
 
 writes `out_dir/slices/` (`data.mdb`, `lock.mdb`). Same flags as the reference's
-`utils/create_LMDB.py`; `--reference-compatible` writes the reference's pickled float64 format.
+`utils/create_LMDB.py`; `--reference-compatible` writes the reference's pickled float64 format. Errors are one line and
+exit code 2 (`--debug` shows the traceback).
 """
 
 import argparse
 import sys
 
+from uad_jax import cli
 from uad_jax.data.lmdb_writer import write_slice_database
 from uad_jax.errors import UadError
 
@@ -25,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "reference)")
   p.add_argument("--map-size", type=int, help="initial LMDB map size in bytes (grows as needed)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--debug", action="store_true", help="show the traceback of errors")
   return p.parse_args(argv)
 
 
@@ -36,8 +39,7 @@ def main(argv=None) -> int:
                               clip_percentiles=args.clip_percentiles, map_size=args.map_size,
                               progress=not args.no_progress)
   except UadError as e:
-    print(f"create_lmdb: error: {e}", file=sys.stderr)
-    return 1
+    return cli.report_error("create_lmdb", e, debug=args.debug)
   print(f"wrote {db}")
   return 0
 

@@ -7,6 +7,7 @@ twice in one process, so open environments live in a process-wide table shared b
 """
 
 import hashlib
+import logging
 import operator
 import os
 import threading
@@ -19,6 +20,9 @@ import numpy as np
 from uad_jax.data import lmdb_format
 from uad_jax.data.lmdb_writer import DB_DIRNAME
 from uad_jax.errors import DataError
+from uad_jax.utils.atomic import recover_interrupted
+
+log = logging.getLogger(__name__)
 
 OURS = "uad_jax"
 REFERENCE = "reference"
@@ -31,6 +35,7 @@ def resolve_database_dir(path) -> Path:
   """The LMDB directory for `path`: `path` itself if it holds `data.mdb`, else `path/slices`."""
   path = Path(path)
   for candidate in (path, path / DB_DIRNAME):
+    recover_interrupted(candidate)   # a replacement interrupted between its two renames
     if (candidate / "data.mdb").is_file():
       return candidate
   hint = ""
@@ -67,8 +72,24 @@ def _open_env(db_dir: Path, identity: tuple[int, int]) -> lmdb.Environment:
                         meminit=False, max_readers=1)
       except lmdb.Error as e:
         raise DataError(f"{db_dir}: cannot open as LMDB ({e})") from e
+      try:
+        _check_file_size(db_dir, env)
+      except DataError:
+        env.close()
+        raise
       _open_envs[identity] = env
     return env
+
+
+def _check_file_size(db_dir: Path, env: lmdb.Environment) -> None:
+  """A data file shorter than the pages the environment uses (a truncated copy) would be read
+  past its end through the memory map, killing the process with SIGBUS: refuse it instead."""
+  needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+  size = (db_dir / "data.mdb").stat().st_size
+  if size < needed:
+    raise DataError(f"{db_dir / 'data.mdb'}: truncated LMDB file ({size} bytes, its pages need "
+                    f"{needed}); copy it again or rebuild it with "
+                    "`python -m uad_jax.data.create_lmdb`")
 
 
 def _close_env(identity: tuple[int, int]) -> None:
@@ -107,6 +128,11 @@ class SliceDataSource:
                        lmdb_format.decode_header(raw_header, where=f"{self._dir} key __meta__"))
         self._header_sha = None if raw_header is None else hashlib.sha256(raw_header).hexdigest()
       self._init_index(entries)
+      if self.format == OURS and self.header["version"] < 2:
+        log.warning("%s: format version %d has no per-record checksums; only record lengths "
+                    "and finiteness are checked (rebuild it with `python -m "
+                    "uad_jax.data.create_lmdb` to have every record verified)", self._dir,
+                    self.header["version"])
     except BaseException as e:
       # Do not keep a rejected database open: it could not be opened again for repair.
       if not already_open:
@@ -130,6 +156,7 @@ class SliceDataSource:
       self._slice_index = np.concatenate(
           [np.asarray(v["slice_indices"], dtype=np.int32) for v in self.volumes])
       self._shapes = [tuple(v["shape"]) for v in self.volumes]
+      self._checksum = self.header["version"] >= 2
 
   @property
   def path(self) -> Path:
@@ -181,7 +208,9 @@ class SliceDataSource:
         if self.format == REFERENCE:
           return {"image": lmdb_format.decode_reference_slice(value, where=where)}
         v = int(self._slice_volume[index])
-        image = lmdb_format.decode_slice(value, self._shapes[v], where=where)
+        where += f" ({self.volumes[v]['subject']} slice {int(self._slice_index[index])})"
+        image = lmdb_format.decode_slice(value, self._shapes[v], where=where,
+                                         checksum=self._checksum)
     except lmdb.Error as e:
       raise DataError(f"{where}: LMDB read failed ({e})") from e
     return {"image": image, "subject": self.volumes[v]["subject"],
