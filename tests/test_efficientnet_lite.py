@@ -20,6 +20,7 @@ from uad_jax.convert.torchvision import torchvision_to_flax
 from uad_jax.convert.weight_files import read_state_dict
 from uad_jax.errors import ConfigError, DataError
 from uad_jax.networks import backbones as bb
+from uad_jax.networks import feature_extractor
 from uad_jax.networks import torchvision_layers as tvl
 from uad_jax.networks.efficientnet import EfficientNet, EfficientNetConfig
 
@@ -201,3 +202,11 @@ def test_lite_converter_names_bad_keys():
   with pytest.raises(DataError, match="lacks 1 tensors"):
     torchvision_to_flax({k: v for k, v in sd.items() if k != "_blocks.3._bn1.running_var"},
                         module)
+
+
+def test_patchcore_demo_preset_runs_on_the_packaged_imagenet_weights():
+  from configs import patchcore   # pylint: disable=import-outside-toplevel
+  model = patchcore.get_config("demo").model
+  _, _, info = feature_extractor.load_frozen_backbone(model, jax.random.key(0))
+  assert (model.backbone, info["random_weights"], info["warning"]) == (
+      "efficientnet_lite0", False, None)
