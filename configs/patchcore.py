@@ -3,7 +3,8 @@
 Presets: `configs/patchcore.py` (paper: wide_resnet50_2 IMAGENET1K_V1 taps layer2+layer3, 224²,
 1 % greedy coreset; needs --config.model.backbone_weights, see `uad_jax.tools.import_weights`),
 `configs/patchcore.py:demo` (bundled demo cohort, EfficientNet-Lite0 ImageNet features from its
-pip package, 112², minutes on a 2-core CPU), `configs/patchcore.py:tiny` (32², seconds; tests and smoke runs, set the data paths).
+pip package, 112², minutes on a 2-core CPU), `configs/patchcore.py:tiny` (32², seconds; tests
+and smoke runs, set the data paths).
 """
 
 import ml_collections

@@ -15,8 +15,9 @@ Both of torch's formats are read:
 
 The pickle is run by a restricted unpickler that resolves only these globals:
 `collections.OrderedDict`, `torch._utils._rebuild_tensor_v2` (a tensor as storage, offset,
-size, stride), `_codecs.encode` with latin1 only (protocol 2's bytes) and the typed storage classes `torch.{Float,Half,BFloat16,Double,Long,Int,Byte,
-Bool}Storage` named by the storages' persistent ids. Anything else (another global, a `BUILD`
+size, stride), `_codecs.encode` for latin1 only (how protocol 2 writes bytes) and the typed
+storage classes `torch.{Float,Half,BFloat16,Double,Long,Int,Byte,Bool}Storage` named by the
+storages' persistent ids. Anything else (another global, a `BUILD`
 on an object other than an OrderedDict, a module persistent id) raises `DataError` naming the
 file and the offending item before anything is called: a hostile file cannot execute code.
 Attributes a pickle sets on an OrderedDict (a state_dict's `_metadata`) are dropped.
@@ -91,7 +92,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 def _latin1_bytes(text, encoding):
   """`_codecs.encode(text, 'latin1')`: how pickle protocol 2 spells a bytes object."""
   if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
-    raise DataError(f"refused to unpickle _codecs.encode with {encoding!r} (only latin1 bytes)")
+    raise ValueError(f"_codecs.encode with {encoding!r} refused (only latin1 bytes)")
   return text.encode("latin1")
 
 

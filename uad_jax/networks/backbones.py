@@ -272,8 +272,8 @@ def load_packaged_weights(backbone: Backbone, module: nn.Module) -> tuple[dict, 
   The file's SHA-256 (of the bytes that are parsed) must be the published one: DataError
   otherwise (a corrupt or modified installation).
   """
-  # convert.torchvision imports this module (abstract_variables).
-  from uad_jax.convert.torchvision import torchvision_to_flax  # pylint: disable=import-outside-toplevel
+  # Imported here: convert.torchvision imports this module (abstract_variables).
+  from uad_jax.convert import torchvision  # pylint: disable=import-outside-toplevel
   w = backbone.paper_weights
   path = w.installed_path()
   if path is None:
@@ -283,7 +283,7 @@ def load_packaged_weights(backbone: Backbone, module: nn.Module) -> tuple[dict, 
     raise DataError(f"{path}: sha256 {meta['sha256'][:16]}... is not that of the published "
                     f"{w.file_name} ({w.sha256[:16]}...): a corrupt or modified installation of "
                     f"{w.package}; reinstall it (`{w.url}`)")
-  variables = jax.tree.map(jnp.asarray, torchvision_to_flax(state, module))
+  variables = jax.tree.map(jnp.asarray, torchvision.torchvision_to_flax(state, module))
   return variables, {"random_weights": False, "paper_weights": True,
                      "torchvision_file": w.file_name, "torchvision_weights": w.enum,
                      "sha256": meta["sha256"], "source_file": str(path), "package": w.package}
