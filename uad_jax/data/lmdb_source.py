@@ -190,6 +190,12 @@ class SliceDataSource:
       raise DataError(f"{self._dir}: a reference-format database has no volume table")
     return self.volumes[int(self._slice_volume[self._check_index(index)])]
 
+  def slice_index_of(self, index: int) -> int:
+    """Index along its volume's third axis of slice `index` (ours)."""
+    if self.format != OURS:
+      raise DataError(f"{self._dir}: a reference-format database has no volume table")
+    return int(self._slice_index[self._check_index(index)])
+
   def _check_index(self, index) -> int:
     index = operator.index(index)
     if not 0 <= index < self._len:

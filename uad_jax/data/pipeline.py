@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import grain
 import numpy as np
 
-from uad_jax.data.lmdb_source import SliceDataSource
+from uad_jax.data.lmdb_source import OURS, SliceDataSource
 from uad_jax.data.volumes import center_crop_pad
 from uad_jax.errors import ConfigError, DataError
 
@@ -194,6 +194,19 @@ class TrainIterator:
     batch = next(self._grain_iterator())
     self.step += 1
     return batch
+
+  def describe_batch(self, step: int) -> str:
+    """Which slices this process read for global batch `step` (0-based), for error messages:
+    "sub-001 slice 40, sub-007 slice 12, ..." (database keys for the reference format)."""
+    source = self._read_batch.source
+    names = []
+    for i in self._read_batch.slice_indices(step):
+      if source.format == OURS:
+        item = source.volume_of(int(i))["subject"]
+        names.append(f"{item} slice {source.slice_index_of(int(i))}")
+      else:
+        names.append(f"key {int(i):08d}")
+    return ", ".join(names)
 
   def get_state(self) -> bytes:
     return json.dumps({"format": _STATE_FORMAT, "version": _STATE_VERSION, "step": self.step,

@@ -68,6 +68,7 @@ def restore_states(config, method, ckpt, step, mesh):
   """
   root, step = resolve_checkpoint(ckpt, step)
   workdir = root.parent
+  run_dir.check_run_config(workdir, config, keys=("method",))
   artifacts = run_dir.read_artifacts(workdir)
   states = {}
   stages = method.stages or (None,)
@@ -76,11 +77,8 @@ def restore_states(config, method, ckpt, step, mesh):
     directory = root if final else run_dir.checkpoint_dir(workdir, method, stage.name)
     store = checkpoints.CheckpointStore(directory, read_only=True)
     target = None if stage is None else _abstract_state(config, stage, artifacts, mesh)
-    s, state, _, meta = store.restore(target, step if final else None)
+    s, state, _, meta = store.restore(target, step if final else None, method=config.method)
     store.close()
-    if meta.get("method", config.method) != config.method:
-      raise ConfigError(f"{directory} holds a {meta['method']} checkpoint but config.method is "
-                        f"{config.method}")
     states["fit" if stage is None else stage.name] = state
     if final:
       step, final_meta = s, meta

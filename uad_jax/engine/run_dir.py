@@ -1,6 +1,8 @@
 """The layout of a run directory (`--workdir`), shared by training, evaluation and tools.
 
-  WORKDIR/config.json                  the run's config (written by training and imports)
+  WORKDIR/.lock                        held by the training that runs in it (`workdir_lock`)
+  WORKDIR/config.json                  the run's config: written once, by the first launch that
+                                       got past validation (training and imports); never replaced
   WORKDIR/artifacts.json               the method's prepared artefacts (`Method.prepare`)
   WORKDIR/checkpoints/<step>/          the scored (final) stage's checkpoints
   WORKDIR/stages/<name>/checkpoints/   earlier stages of multi-stage methods (IterMask's first model)
@@ -27,18 +29,41 @@ def checkpoint_dir(workdir, method=None, stage=None) -> Path:
   return workdir / "stages" / stage / "checkpoints"
 
 
-def write_run_config(workdir: Path, config) -> None:
-  """Stores the config of the run (JSON); a run of another method/model in `workdir` is an
-  error (a resumed run must use the same model)."""
+def check_run_config(workdir, config, keys=("method", "model")) -> None:
+  """Refuses to run `config` in a workdir whose recorded config differs at `keys` (a resumed
+  run must use the same method and model; scoring needs the same method)."""
   path = Path(workdir) / "config.json"
-  text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
-  if path.exists():
-    old = json.loads(path.read_text())
-    if old.get("method") != config.method or old.get("model") != json.loads(text).get("model"):
-      raise ConfigError(f"{workdir} holds a run of a different method/model ({path}); "
+  if not path.is_file():
+    return
+  old = json.loads(path.read_text())
+  new = json.loads(_config_json(config))
+  for key in keys:
+    if old.get(key) != new.get(key):
+      raise ConfigError(f"{workdir} holds a run of another {key} ({path}: {key} "
+                        f"{_describe(old.get(key))}, this config: {_describe(new.get(key))}); "
                         "use a new --workdir")
-  if jax.process_index() == 0:
-    atomic_write_text(path, text)
+
+
+def write_run_config(workdir, config) -> None:
+  """Records the config of the run once (`config.json`), after it was validated; a later
+  launch (a resume, possibly with other settings such as n_iters) never rewrites it.
+
+  Raises:
+    ConfigError: the workdir holds a run of another method or model.
+  """
+  check_run_config(workdir, config)
+  path = Path(workdir) / "config.json"
+  if jax.process_index() == 0 and not path.exists():
+    atomic_write_text(path, _config_json(config))
+
+
+def _config_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _describe(value) -> str:
+  text = json.dumps(value, sort_keys=True, default=str)
+  return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_artifacts(workdir) -> dict:

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from uad_jax import methods
 from uad_jax.data import pipeline
-from uad_jax.engine import checkpoints, data_state, run_dir, sharding, summary
+from uad_jax.engine import checkpoints, data_state, run_dir, sharding, summary, workdir_lock
 from uad_jax.engine.config import required_path
 from uad_jax.errors import TrainingError
 from uad_jax.methods.contract import Method, Stage, TrainContext
@@ -30,13 +31,22 @@ FIT_STEP = 0   # the checkpoint step of a fitted method's state
 
 
 def train(config, workdir) -> None:
-  """Trains (or fits) `config.method` in `workdir`, resuming from its newest checkpoints."""
+  """Trains (or fits) `config.method` in `workdir`, resuming from its newest checkpoints.
+
+  The workdir is locked for the run (`workdir_lock`); its `config.json` is written once the
+  run got past validation (data, state initialisation, resume) and never replaced.
+  """
   workdir = Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock.hold(workdir):
+    _train(config, workdir)
+
+
+def _train(config, workdir: Path) -> None:
   method = methods.get_method(config.method)
+  run_dir.check_run_config(workdir, config)
   mesh = sharding.make_mesh()
   lmdb_path = required_path(config, "data.train_lmdb", kind="dir")
-  run_dir.write_run_config(workdir, config)
   if method.is_fitted:
     fit(config, workdir, method, mesh, lmdb_path)
     return
@@ -69,7 +79,7 @@ def train_stage(config, method: Method, stage: Stage, index: int, workdir: Path,
   n_iters = stage.n_iters(config)
   store = checkpoints.CheckpointStore(run_dir.checkpoint_dir(workdir, method, stage.name),
                                       config.training.max_to_keep)
-  if store.steps() and store.steps()[-1] >= n_iters:
+  if store.steps() and store.steps()[-1] >= n_iters and store.intact(store.steps()[-1]):
     log.info("stage %s of %s is complete (%s)", stage.name, workdir, store.step_dir(n_iters))
     store.close()
     return
@@ -88,7 +98,7 @@ def train_stage(config, method: Method, stage: Stage, index: int, workdir: Path,
   state = stage.init(config, init_rng, TrainContext(steps_per_epoch, artifacts))
   start_step = 0
   if store.steps():
-    start_step, state, saved_data, _ = store.restore(state)
+    start_step, state, saved_data, _ = store.restore(state, method=config.method)
     train_iter.set_state(data_state.local(saved_data))
     log.info("resumed %s stage %s from step %d", workdir, stage.name, start_step)
   state = sharding.replicate(state, mesh)
@@ -104,6 +114,7 @@ def train_stage(config, method: Method, stage: Stage, index: int, workdir: Path,
   writer = summary.SummaryWriter(workdir / "tensorboard" / f"train{suffix}")
   meta = {"method": config.method, "stage": stage.name, "warnings": method.warnings(config)}
   try:
+    run_dir.write_run_config(workdir, config)   # validated: data, state and resume are fine
     if start_step == 0:
       writer.config(config)
     _loop(config, stage.name, n_iters, state, start_step, train_iter, train_step, preview,
@@ -127,17 +138,29 @@ def fit(config, workdir: Path, method: Method, mesh, lmdb_path: Path) -> None:
     writer.config(config)
     state, meta = method.fit(config, lmdb_path, mesh, jax.random.key(config.seed), writer,
                              workdir)
+    run_dir.write_run_config(workdir, config)
     store.save(FIT_STEP, state, {}, dict(meta, step=FIT_STEP, method=config.method))
   finally:
     writer.close()
     store.close()
 
 
-def _check_finite(stage: str, step: int, scalars: dict) -> None:
-  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
-  if bad:
-    raise TrainingError(f"stage {stage}: non-finite training metrics {bad} in the steps up to "
-                        f"{step}; the last checkpoint before them is kept")
+def _check_finite(stage: str, window: list, first_step: int, train_iter) -> None:
+  """A TrainingError at the first step of `window` (host metrics of steps first_step, ...)
+  with a non-finite value, naming the slices of its batch; nothing is saved after it."""
+  for step, metrics in enumerate(window, start=first_step):
+    bad = {k: float(v) for k, v in metrics.items() if not np.all(np.isfinite(v))}
+    if bad:
+      raise TrainingError(
+          f"stage {stage}: non-finite training metrics {bad} at step {step} (batch of "
+          f"{train_iter.describe_batch(step - 1)}); training stopped, the last checkpoint "
+          f"before step {step} is kept")
+
+
+def _params_finite(state) -> bool:
+  leaves = [x for x in jax.tree.leaves(state.params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(jax.device_get(functools.reduce(
+      jnp.logical_and, [jnp.isfinite(x).all() for x in leaves], jnp.bool_(True))))
 
 
 def _loop(config, stage_name, n_iters, state, start_step, train_iter, train_step, preview,
@@ -145,7 +168,7 @@ def _loop(config, stage_name, n_iters, state, start_step, train_iter, train_step
   """Steps start_step+1 .. n_iters with logging, checkpoints and previews."""
   bar = tqdm(total=n_iters, initial=start_step, desc=f"train {config.method} {stage_name}",
              disable=jax.process_index() != 0, dynamic_ncols=True)
-  window, window_start = [], time.perf_counter()
+  window, window_start, window_first = [], time.perf_counter(), start_step + 1
   for step in range(start_step + 1, n_iters + 1):
     batch = sharding.global_batch(next(train_iter), mesh)
     state, metrics = train_step(state, batch, jax.random.fold_in(train_rng, step))
@@ -154,20 +177,27 @@ def _loop(config, stage_name, n_iters, state, start_step, train_iter, train_step
     window.append(metrics)
     bar.update(1)
 
-    if step % config.training.log_freq == 0 or step == n_iters:
+    snapshot = step % config.training.snapshot_freq == 0 or step == n_iters
+    log_now = step % config.training.log_freq == 0 or step == n_iters
+    if snapshot or log_now:   # never log or save past a non-finite step
       window = jax.device_get(window)
+      _check_finite(stage_name, window, window_first, train_iter)
+    if log_now:
       elapsed = time.perf_counter() - window_start
       scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      _check_finite(stage_name, step, scalars)
       scalars["lr"] = float(state.learning_rate(step))   # the rate this step applied
       scalars["slices_per_s"] = len(window) * config.data.batch_size / elapsed
       scalars["step_time_s"] = elapsed / len(window)
       writer.scalars(step, scalars)
       bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4g}",
                       slices_s=f"{scalars['slices_per_s']:.1f}")
-      window, window_start = [], time.perf_counter()
+      window, window_start, window_first = [], time.perf_counter(), step + 1
 
-    if step % config.training.snapshot_freq == 0 or step == n_iters:
+    if snapshot:
+      if not _params_finite(state):
+        raise TrainingError(f"stage {stage_name}: parameters became non-finite at step {step} "
+                            f"(batch of {train_iter.describe_batch(step - 1)}); training "
+                            f"stopped, the last checkpoint before step {step} is kept")
       store.save(step, state, data_state.gather(train_iter.get_state()), dict(meta, step=step))
       if preview is not None:
         images = preview(state, batch, jax.random.fold_in(preview_rng, step))
