@@ -101,8 +101,9 @@ def test_index_references_every_figure_and_table(report):
   assert {f"figures/{p.name}" for p in (out / "figures").glob("*.svg")} <= set(page.links)
   for link in page.links:
     assert (out / link).is_file(), link
-  # segmentation, detection, healthy, tests run and not run, strata of 2 runs x 2 postprocs
-  assert page.tables == 5 + 4
+  # ranking, segmentation, detection, healthy, tests run and not run, strata of 2 runs x 2
+  # postprocs
+  assert page.tables == 6 + 4
   assert "http://" not in (out / "index.html").read_text().replace("http://www.w3.org", "")
 
 

@@ -216,3 +216,27 @@ def test_outputs_without_per_subject_ranking_values(synthetic, tmp_path):
   assert len(rows) == 4 and rows["value"].isna().all() and (rows["n"] == 0).all()
   assert rows["note"].str.startswith("no per-subject value").all()
   assert summary[summary["metric"] == "dice"]["value"].notna().all()
+
+
+def test_ranking_table_orders_runs_by_mean_best_dice():
+  def rows(run, method, values):
+    return [dict(run=run, method=method, modality="T1w", cohort=c, mode="lesion",
+                 postproc=p, metric="dice", role="best", threshold_key="", threshold=0.5,
+                 value=v, ci_low=v - 0.1, ci_high=v + 0.1, n=6, note="")
+            for c, v in values.items() for p in ("raw", "mf")] + [
+            dict(run=run, method=method, modality="T1w", cohort=c, mode="lesion",
+                 postproc="raw", metric="auroc_voxel", role="", threshold_key="",
+                 threshold=math.nan, value=0.9, ci_low=math.nan, ci_high=math.nan, n=6,
+                 note="") for c in values]
+  summary = pd.DataFrame(rows("a", "andi", {"t": 0.2, "s": 0.4})
+                         + rows("b", "intensity", {"t": 0.5, "s": 0.3})
+                         + rows("c", "disyre", {"t": 0.1, "s": 0.1}),
+                         columns=tables.SUMMARY_COLUMNS)
+  table = tables.ranking_table(summary)
+  assert list(table["run"]) == ["b", "a", "c"]          # means 0.4, 0.3, 0.1
+  assert list(table["rank"]) == [1, 2, 3]
+  assert list(table["mean Dice @best"]) == [tables.format_number(v) for v in (0.4, 0.3, 0.1)]
+  assert list(table["paper: mean best Dice (rank)"]) == ["baseline", "0.211 (2)", "0.303 (1)"]
+  assert table.loc[1, "t: Dice @best"] == tables.format_estimate(
+      pd.Series({"value": 0.2, "ci_low": 0.1, "ci_high": 0.3, "n": 6, "note": ""}))
+  assert table.loc[1, "s: voxel AUROC"] == tables.format_number(0.9)

@@ -44,6 +44,11 @@ METRIC_LABELS = {"dice": "Dice", "auprc": "AUPRC (pooled)",
                  "auroc_voxel_mean": "voxel AUROC (mean per subject)",
                  "auroc_subject": "subject AUROC", "detection": "lesion detection",
                  "fp_components": "FP components / volume", "fpr": "FPR"}
+# The paper's ranking (UAD-IMAG, Fig. 2: mean best Dice over its lesion datasets).
+PAPER_MEAN_BEST_DICE = {"disyre": 0.303, "andi": 0.211, "fae": 0.177, "patchcore": 0.162,
+                        "uniad": 0.148, "reverse_distillation": 0.115, "itermask": 0.114,
+                        "riad": 0.108}
+BASELINES = ("intensity", "zscore")
 # Per-subject ranking metrics (lesion cohorts; role ""): metric -> subjects.csv column.
 RANKING_METRICS = {"ap_mean": "ap", "auroc_voxel_mean": "auroc"}
 
@@ -331,6 +336,38 @@ def wide_summary(summary: pd.DataFrame, mode: str, metric_set) -> pd.DataFrame:
       row[column_label(metric, role)] = text
     out.append(row)
   return pd.DataFrame(out)
+
+
+def ranking_table(summary: pd.DataFrame) -> pd.DataFrame:
+  """Every run ranked by its mean Dice @best over its lesion cohorts (raw maps, the paper's
+  Fig. 2 statistic), with per cohort Dice @best [95 % CI] and the pooled voxel AUROC, and the
+  paper's mean best Dice and rank of the method beside it (baselines: 'baseline')."""
+  raw = summary[(summary["mode"] == "lesion") & (summary["postproc"] == "raw")]
+  dice = raw[(raw["metric"] == "dice") & (raw["role"] == "best")]
+  if dice.empty:
+    return pd.DataFrame()
+  auroc = raw[raw["metric"] == "auroc_voxel"].set_index(["run", "modality", "cohort"])["value"]
+  paper_rank = {m: i + 1 for i, m in enumerate(sorted(PAPER_MEAN_BEST_DICE,
+                                                      key=PAPER_MEAN_BEST_DICE.get,
+                                                      reverse=True))}
+  rows = []
+  for (run, method, modality), part in dice.groupby(["run", "method", "modality"], sort=False):
+    row = {"run": run, "method": method, "modality": modality,
+           "mean Dice @best": float(part["value"].mean())}
+    for _, r in part.iterrows():
+      row[f"{r['cohort']}: Dice @best"] = format_estimate(r)
+      row[f"{r['cohort']}: voxel AUROC"] = format_number(
+          auroc.get((run, modality, r["cohort"]), math.nan))
+    if method in PAPER_MEAN_BEST_DICE:
+      row["paper: mean best Dice (rank)"] = (f"{PAPER_MEAN_BEST_DICE[method]:.3f} "
+                                             f"({paper_rank[method]})")
+    else:
+      row["paper: mean best Dice (rank)"] = "baseline" if method in BASELINES else "–"
+    rows.append(row)
+  table = pd.DataFrame(rows).sort_values("mean Dice @best", ascending=False, kind="stable")
+  table.insert(0, "rank", np.arange(1, len(table) + 1))
+  table["mean Dice @best"] = table["mean Dice @best"].map(format_number)
+  return table.fillna("–").reset_index(drop=True)
 
 
 def strata_display(strata: pd.DataFrame) -> pd.DataFrame:

@@ -24,6 +24,13 @@ from uad_jax.utils.atomic import atomic_path
 
 SEGMENTATION = ("dice", "auprc", "ap_mean", "auroc_voxel", "auroc_voxel_mean", "auroc_subject")
 DETECTION = ("detection", "fp_components", "fpr")
+RANKING_NOTE = (
+    "<p class='note'>Runs ranked by their mean Dice at each lesion cohort's best sweep threshold "
+    "(raw maps), the statistic of the paper's Fig. 2, beside the paper's value and rank for the "
+    "method. The intensity and z-score baselines are the rows every deep method must beat. "
+    "Caveat: the demo cohort is synthetic (MNI152-derived anatomy, simulated lesions and "
+    "scanners) and the demo models are trained for minutes on a CPU, so the demo ranking says "
+    "how the implementations behave, not how the methods compare on real scans.</p>")
 HEALTHY = ("fpr", "fp_components")
 FIGURES_DIR = "figures"
 TABLES_DIR = "tables"
@@ -68,6 +75,7 @@ def write_report(runs, out_dir, *, options: tables.Options = tables.Options(),
   summary = tables.summary_table(cohorts, subjects, options)
   strata, tests = tables.bias_tables(cohorts, subjects, options)
   wide = {
+      "ranking": tables.ranking_table(summary),
       "segmentation": tables.wide_summary(summary, "lesion", SEGMENTATION),
       "detection": tables.wide_summary(summary, "lesion", DETECTION),
       "healthy": tables.wide_summary(summary, "healthy", HEALTHY),
@@ -75,6 +83,7 @@ def write_report(runs, out_dir, *, options: tables.Options = tables.Options(),
   strata_text = tables.strata_display(strata)
   tests_text = tables.tests_display(tests)
   summary_md = "".join(f"## {title}\n\n{tables.markdown(wide[k])}\n" for k, title in (
+      ("ranking", "Ranking (mean Dice @best over the lesion cohorts, raw maps)"),
       ("segmentation", "Lesion cohorts: segmentation"),
       ("healthy", "Healthy cohorts: false positives")) if not wide[k].empty)
   with atomic_path(out_dir) as tmp:
@@ -208,6 +217,7 @@ def _index(cohorts, wide, strata, strata_text, tests, tests_text, written, optio
       figure_html(f) for f in by_section.get(section, [])
       if all(getattr(f, k) == v for k, v in kw.items()))
   sections = [
+      ("ranking", "Ranking", RANKING_NOTE + table_html(wide["ranking"])),
       ("segmentation", "Lesion cohorts: segmentation",
        table_html(wide["segmentation"]) + block("overview")),
       ("detection", "Lesion cohorts: detection and false positives",
