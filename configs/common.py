@@ -38,7 +38,9 @@ def eval_config(thr_start, thr_end, thr_step, split_size=155):
   c = ml_collections.ConfigDict()
   c.step = -1                       # checkpoint step to score (-1: the newest; --step overrides)
   c.split_size = split_size         # slices per chunk of a scoring call (padded, sharded)
-  c.thr_start = thr_start           # threshold sweep: numpy.arange(thr_start, thr_end, thr_step)
+  c.thr_start = thr_start           # threshold sweep: numpy.arange(thr_start, thr_end, thr_step);
+                                    # thr_step 0: derived from the healthy validation scores at
+                                    # calibration (stored in calibration.json)
   c.thr_end = thr_end
   c.thr_step = thr_step
   c.fpr_targets = (0.01,)           # calibration targets on healthy validation brain voxels;

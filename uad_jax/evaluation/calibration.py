@@ -13,7 +13,8 @@ copies the pairs and their provenance into each results.json (`info["calibration
 'target' | 'opt_thr', `thr_full_curve` (targets), `achieved_fpr`}), `fpr_targets`, `opt_thr`,
 `opt_thr_key`, `opt_thr_fpr` (null without a lesion-validation result), `n_voxels`,
 `n_subjects`, `validation_csv`, `validation_csv_sha256`, `checkpoint_step`, `method`,
-`modality`, `created` (UTC ISO 8601). Thresholds are float32 values of the maps written as
+`modality`, `sweep` (the derived `[start, end, step]` threshold sweep, or null when the
+config sets one), `created` (UTC ISO 8601). Thresholds are float32 values of the maps written as
 the float64 repr (exact when read back and compared in float32, as the reference does).
 """
 
@@ -37,7 +38,11 @@ ARTIFACT_NAME = "calibration.json"
 SCHEMA = "uad_jax.evaluation.calibration/1"
 # The artifact's fields that travel with every evaluation (results.json `info.calibration`).
 RESULTS_INFO_FIELDS = ("pairs", "fpr_targets", "opt_thr", "opt_thr_key", "opt_thr_fpr",
-                       "validation_csv", "validation_csv_sha256", "checkpoint_step", "created")
+                       "validation_csv", "validation_csv_sha256", "checkpoint_step", "sweep",
+                       "created")
+# A derived sweep spans the healthy-validation thresholds from FPR 0.5 to 2x the one at 1e-4.
+DERIVED_SWEEP_FPRS = (0.5, 1e-4)
+DERIVED_SWEEP_STEPS = 50
 
 
 class Calibrator:
@@ -92,9 +97,26 @@ class Calibrator:
     fp = counts[values > np.float32(threshold)].sum()
     return float(metrics.round_fpr(fp, counts.sum()))
 
+  def derived_sweep(self) -> tuple[float, float, float]:
+    """`(start, end, step)` of a threshold sweep for a model whose score scale is not known in
+    advance: DERIVED_SWEEP_STEPS steps (2 significant digits) from the healthy-validation
+    threshold at FPR 0.5 to twice the one at FPR 1e-4, so the sweep covers the brain's upper
+    tail, where lesions lie, on any score scale."""
+    values, _ = self._table()
+    if not values.size:
+      raise EvaluationError("calibration: no healthy validation voxel to derive a threshold "
+                            "sweep from; set eval.thr_start/thr_end/thr_step")
+    # Below the resolution of the voxel count the threshold is infinite: use the top score.
+    lo, hi = (float(t) if np.isfinite(t) else float(values[-1])
+              for t in self.thresholds(np.array(DERIVED_SWEEP_FPRS), drop_intermediate=False))
+    hi = max(2.0 * hi, lo + 1e-12)
+    step = float(f"{(hi - lo) / DERIVED_SWEEP_STEPS:.2g}")
+    start = float(f"{np.floor(lo / step) * step:.6g}")
+    return start, start + DERIVED_SWEEP_STEPS * step, step
+
   def artifact(self, fpr_targets, *, lesion_result=None, postproc: str = "raw",
                validation_csv=None, checkpoint_step=None, method=None, modality=None,
-               warnings=()) -> dict:
+               warnings=(), sweep=None) -> dict:
     """The calibration document (see the module docstring).
 
     warnings: caveats of the scored model (e.g. random backbone weights), kept in the document.
@@ -138,6 +160,7 @@ class Calibrator:
         "method": method,
         "modality": modality,
         "warnings": list(warnings),
+        "sweep": None if sweep is None else [float(v) for v in sweep],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -161,6 +184,18 @@ def load_artifact(directory) -> dict:
   if doc.get("schema") != SCHEMA:
     raise ConfigError(f"{path}: schema {doc.get('schema')!r}, expected {SCHEMA!r}")
   return doc
+
+
+def sweep_of(eval_config, artifact: dict | None) -> tuple[float, float, float]:
+  """The threshold sweep of an evaluation: the config's `(thr_start, thr_end, thr_step)`, or,
+  when eval.thr_step is 0 (no range set), the one derived at calibration (`artifact`)."""
+  if eval_config.thr_step:
+    return (eval_config.thr_start, eval_config.thr_end, eval_config.thr_step)
+  if artifact is None or not artifact.get("sweep"):
+    raise ConfigError("eval.thr_step is 0 (a threshold sweep derived from the healthy "
+                      "validation scores) but the calibration has none: run "
+                      "`python -m uad_jax.eval ... --calibrate` again")
+  return tuple(artifact["sweep"])
 
 
 def threshold_pairs(artifact: dict) -> list[tuple[float, float]]:
