@@ -205,3 +205,23 @@ def test_parameter_order_matches_reference(fx):
   shadow = [fx.state_dict[k] for k in reference_order]
   from_shadow = convert.torch_to_flax(convert.shadow_params_to_state_dict(shadow, model), model)
   jax.tree.map(np.testing.assert_array_equal, from_shadow, params)
+
+
+@pytest.mark.parametrize("fx", [f for f in FIXTURES if f.kind == "ddpmpp_forward"],
+                         ids=lambda fx: fx.name)
+def test_reference_states_of_a_checkpoint_folder(fx, tmp_path):
+  """`convert/disyre.py` (what `import_torch --method disyre` runs) on an accelerate folder."""
+  from safetensors.numpy import save_file
+  from uad_jax.convert import disyre as disyre_convert
+  from uad_jax.errors import DataError
+  config, _, params = model_and_params(fx)
+  src = tmp_path / "checkpoint_20"
+  src.mkdir()
+  save_file({f"module.{k}": np.ascontiguousarray(v) for k, v in fx.state_dict.items()},
+            str(src / "model.safetensors"))
+  states, warnings = disyre_convert.reference_states(config, src, ema_from_model=True)
+  assert list(states) == [method.STAGE] and any("--ema-from-model" in w for w in warnings)
+  for field in ("params", "ema_params"):
+    jax.tree.map(np.testing.assert_array_equal, states[method.STAGE][field], params)
+  with pytest.raises(DataError, match="--ema-from-model"):
+    disyre_convert.reference_states(config, src, ema_from_model=False)
