@@ -24,6 +24,7 @@ from uad_jax.engine import checkpoints, evaluate, trainer, workdir_lock
 from uad_jax.engine.config import REPO_ROOT
 from uad_jax.errors import ConfigError, DataError, TrainingError
 from uad_jax.methods import andi
+from uad_jax.report import load as report_load
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +260,6 @@ def test_config_json_is_written_once_after_validation(cohort, tmp_path, monkeypa
   with pytest.raises(ConfigError, match="another pipeline"):
     trainer.train(other_batch, tmp_path)
   assert (tmp_path / "config.json").read_text() == recorded   # before: rewritten
-  trainer.train(tiny_config(cohort), tmp_path)               # a longer resume: not rewritten
-  assert (tmp_path / "config.json").read_text() == recorded
 
 
 def test_second_training_on_a_workdir_names_the_holder(cohort, tmp_path):
@@ -268,3 +267,32 @@ def test_second_training_on_a_workdir_names_the_holder(cohort, tmp_path):
     with pytest.raises(ConfigError, match=rf"is in use by process {os.getpid()} on "):
       trainer.train(tiny_config(cohort), tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+
+
+# --- Evaluation outputs ------------------------------------------------------------------------
+
+def test_interrupted_reevaluation_is_marked_and_refused_by_the_report(cohort, trained, tmp_path):
+  work = _copy(trained, tmp_path)
+  config = tiny_config(cohort)
+  evaluate.calibrate(config, work)
+  out = work / "eval" / "step_4"
+  evaluate.evaluate(config, work)
+  assert sorted(p.name for p in out.iterdir()) == ["healthy", "lesion", "summary.md"]
+  assert len(report_load.load_cohorts([work])) == 2
+  broken = tiny_config(cohort)
+  broken.eval.cohorts.lesion.csv = str(tmp_path / "moved.csv")   # fails at the second cohort
+  with pytest.raises(ConfigError, match="moved.csv: no such file"):
+    evaluate.evaluate(broken, work)
+  # Before: the old lesion folder and summary.md stayed beside the new healthy one.
+  assert sorted(p.name for p in out.iterdir()) == ["EVALUATION_IN_PROGRESS.json", "healthy"]
+  with pytest.raises(DataError, match="the evaluation is incomplete"):
+    report_load.load_cohorts([work])
+  evaluate.evaluate(config, work)
+  assert sorted(p.name for p in out.iterdir()) == ["healthy", "lesion", "summary.md"]
+  # Cohorts of different evaluations in one folder (e.g. one written before a recalibration).
+  results = out / "lesion" / "results.json"
+  doc = json.loads(results.read_text())
+  doc["info"]["calibration"]["opt_thr"] = 0.5
+  results.write_text(json.dumps(doc))
+  with pytest.raises(DataError, match="cohorts of different evaluations in one folder"):
+    report_load.load_cohorts([work])

@@ -16,6 +16,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -191,27 +194,36 @@ def example_panel(image, mask, maps) -> np.ndarray:
 
 
 def calibrate(config, ckpt, step: int | None = None) -> Path:
-  """Writes `calibration.json` next to the checkpoint; returns its path."""
+  """Writes `calibration.json` next to the checkpoint; returns its path.
+
+  The healthy validation cohort is scored first: its thresholds at the FPR targets, and, when
+  the config sets no sweep (eval.thr_step 0), the derived sweep on which the lesion validation
+  cohort then finds its Dice-optimal threshold `opt_thr`.
+  """
   run = ScoringRun(config, ckpt, step, calibrate_method=True)
-  lesion_result = None
-  if config.eval.val_lesion_csv:
-    csv = required_path(config, "eval.val_lesion_csv")
-    thresholds = evaluation.ThresholdSet.build(
-        (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step), [])
-    ev = evaluation.Evaluator("lesion", thresholds, kernel_size=config.eval.kernel_size,
-                              info=dict(run.info, cohort="val_lesion"))
-    log.info("calibration: lesion validation %s", csv)
-    run.score_cohort(csv, lesion=True, consume=ev.add)
-    lesion_result = ev.result()
   csv = required_path(config, "eval.val_healthy_csv")
   calibrator = evaluation.Calibrator()
   log.info("calibration: healthy validation %s", csv)
   run.score_cohort(csv, lesion=False, consume=calibrator.add)
+  derived = None if config.eval.thr_step else calibrator.derived_sweep()
+  if derived:
+    log.info("threshold sweep derived from the healthy validation scores: %s", derived)
+  lesion_result = None
+  if config.eval.val_lesion_csv:
+    lesion_csv = required_path(config, "eval.val_lesion_csv")
+    thresholds = evaluation.ThresholdSet.build(
+        evaluation.calibration.sweep_of(config.eval, {"sweep": derived}), [])
+    ev = evaluation.Evaluator("lesion", thresholds, kernel_size=config.eval.kernel_size,
+                              info=dict(run.info, cohort="val_lesion"))
+    log.info("calibration: lesion validation %s", lesion_csv)
+    run.score_cohort(lesion_csv, lesion=True, consume=ev.add)
+    lesion_result = ev.result()
   if jax.process_index() != 0:
     return run.step_dir / evaluation.calibration.ARTIFACT_NAME
   path = calibrator.write(run.step_dir, config.eval.fpr_targets, lesion_result=lesion_result,
                           validation_csv=csv, checkpoint_step=run.step, method=config.method,
-                          modality=config.data.modality, warnings=run.info["warnings"])
+                          modality=config.data.modality, warnings=run.info["warnings"],
+                          sweep=derived)
   print(f"calibrated thresholds written to {path}")
   for p in json.loads(path.read_text())["pairs"]:
     print(f"  {p['key']:>14}: threshold {p['thr']:.6g} ({p['source']}, "
@@ -225,7 +237,7 @@ def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
   run = ScoringRun(config, ckpt, step)
   calibrated = evaluation.load_artifact(run.step_dir)
   thresholds = evaluation.ThresholdSet.build(
-      (config.eval.thr_start, config.eval.thr_end, config.eval.thr_step),
+      evaluation.calibration.sweep_of(config.eval, calibrated),
       evaluation.calibration.threshold_pairs(calibrated))
   names = list(config.eval.cohorts.keys()) if cohorts is None else cohorts
   if not names:
@@ -235,6 +247,7 @@ def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
     raise ConfigError(f"unknown cohorts {unknown}; config.eval.cohorts has "
                       f"{list(config.eval.cohorts.keys())}")
   out_dir = Path(out) if out else run.step_dir.parents[1] / "eval" / f"step_{run.step}"
+  marker = _begin_outputs(out_dir, names, run.info)
   writer = summary.SummaryWriter(run.step_dir.parents[1] / "tensorboard" / "eval")
   results = {}
   for name in names:
@@ -260,9 +273,31 @@ def evaluate(config, ckpt, step: int | None = None, out: str | None = None,
   if jax.process_index() == 0:
     table = summary_table(results)
     atomic_write_text(out_dir / "summary.md", table + "\n")
+    marker.unlink()   # complete
     print(table)
     print(f"\nresults written to {out_dir}")
   return results
+
+
+def _begin_outputs(out_dir: Path, names: list[str], info: dict) -> Path:
+  """Marks `out_dir` as an evaluation in progress (process 0) and invalidates what an earlier
+  evaluation left there (every cohort folder and summary.md), so that an interrupted run never
+  leaves old and new cohorts side by side looking complete. Returns the marker's path."""
+  marker = out_dir / run_dir.EVAL_IN_PROGRESS
+  if jax.process_index() != 0:
+    return marker
+  out_dir.mkdir(parents=True, exist_ok=True)
+  atomic_write_text(marker, json.dumps(
+      {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "cohorts": names,
+       "checkpoint": info["checkpoint"]}, indent=2) + "\n")
+  old = [d for d in out_dir.iterdir() if (d / run_dir.EVAL_RESULTS).is_file()]
+  for d in old:
+    shutil.rmtree(d)
+  (out_dir / "summary.md").unlink(missing_ok=True)
+  if old:
+    log.info("removed the outputs of an earlier evaluation in %s: %s", out_dir,
+             sorted(d.name for d in old))
+  return marker
 
 
 @contextlib.contextmanager

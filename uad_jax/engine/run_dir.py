@@ -7,7 +7,9 @@
   WORKDIR/checkpoints/<step>/          the scored (final) stage's checkpoints
   WORKDIR/stages/<name>/checkpoints/   earlier stages of multi-stage methods (IterMask's first model)
   WORKDIR/tensorboard/{train,eval}/    TensorBoard event files
-  WORKDIR/eval/step_<N>/<cohort>/      evaluation outputs
+  WORKDIR/eval/step_<N>/<cohort>/      evaluation outputs; `EVALUATION_IN_PROGRESS.json` beside
+                                       them while an evaluation runs (or after it was
+                                       interrupted): the report refuses such a folder
 """
 
 import json
@@ -19,6 +21,8 @@ from uad_jax.errors import ConfigError
 from uad_jax.utils.atomic import atomic_write_text
 
 ARTIFACTS = "artifacts.json"
+EVAL_IN_PROGRESS = "EVALUATION_IN_PROGRESS.json"
+EVAL_RESULTS = "results.json"   # in each cohort folder
 
 
 def checkpoint_dir(workdir, method=None, stage=None) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from uad_jax.engine.run_dir import EVAL_IN_PROGRESS
 from uad_jax.errors import DataError
 from uad_jax.evaluation import calibration
 from uad_jax.evaluation.outputs import POSTPROCS
@@ -154,6 +155,10 @@ def find_result_dirs(paths) -> list[Path]:
     if not dirs:
       raise DataError(f"--runs {p}: no {RESULTS_NAME} found (expected the output of "
                       "`python -m uad_jax.eval`)")
+    for parent in sorted({d.parent for d in dirs}):
+      if (parent / EVAL_IN_PROGRESS).is_file():
+        raise DataError(f"{parent}: the evaluation is incomplete ({EVAL_IN_PROGRESS}: in progress "
+                        "or interrupted); run `python -m uad_jax.eval` again")
     found += [d.resolve() for d in dirs]
   duplicates = sorted({str(d) for d in found if found.count(d) > 1})
   if duplicates:
@@ -166,12 +171,17 @@ def load_cohorts(paths) -> list[CohortResult]:
   raw = [_read_results(d) for d in find_result_dirs(paths)]
   # A run = the cohorts of one parent folder; label = method, disambiguated when needed.
   runs: dict[Path, tuple[str, str]] = {}
+  scorings: dict[Path, tuple] = {}
   for directory, doc in raw:
     info = doc["info"]
     key = (info["method"], info["modality"])
     if runs.setdefault(directory.parent, key) != key:
       raise DataError(f"{directory.parent}: cohorts of different runs in one folder "
                       f"({runs[directory.parent]} and {key})")
+    scored = (info.get("checkpoint"), json.dumps(info.get("calibration"), sort_keys=True))
+    if scorings.setdefault(directory.parent, scored) != scored:
+      raise DataError(f"{directory.parent}: cohorts of different evaluations in one folder (other "
+                      f"checkpoint or calibration at {directory.name}); evaluate them again")
   labels = {}
   for parent, (method, modality) in runs.items():
     same = [p for p, k in runs.items() if k == (method, modality)]
