@@ -101,11 +101,24 @@ def abstract_teacher_maps(config) -> list[jax.ShapeDtypeStruct]:
                         images)
 
 
+def _check_tap_sizes(config, taps) -> None:
+  """The decoder doubles the code 3 times: taps must be h, h/2, h/4 with h/4 even."""
+  sizes = [t.shape[1:3] for t in taps]
+  (h, w), (h3, w3) = sizes[0], sizes[2]
+  if sizes != [(h, w), (h // 2, w // 2), (h // 4, w // 4)] or h3 % 2 or w3 % 2:
+    raise ConfigError(
+        f"data.image_size={config.data.image_size}: the teacher taps are {sizes}; the student "
+        "rebuilds maps of sizes 8c, 4c, 2c from a c x c code, so the deepest tap must have an "
+        "even size and each shallower one twice the size (a multiple of 32 for ResNet teachers)")
+
+
 def build_student(config) -> Student:
   """The OCBE + decoder of `config.model` for the teacher's tap channels."""
   m = config.model
-  student_config = StudentConfig(teacher_channels(config), m.width_per_group, m.ocbe_blocks,
-                                 tuple(m.decoder_blocks))
+  taps = abstract_teacher_maps(config)
+  _check_tap_sizes(config, taps)
+  student_config = StudentConfig(tuple(t.shape[-1] for t in taps), m.width_per_group,
+                                 m.ocbe_blocks, tuple(m.decoder_blocks))
   return Student(student_config, dtype=_dtype(config),
                  precision=_precision(m.get("student_precision", "default")))
 
