@@ -1,16 +1,22 @@
 """RIAD's functions beyond the reference fixtures: masks, batch transform, losses, train step,
-scoring determinism and background, the per-epoch learning rate. Tiny shapes (32²)."""
+scoring determinism and background, the per-epoch learning rate, checkpoint import. Tiny shapes
+(32²)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from configs import riad as riad_configs
+from reference_fixtures import load_area
+from uad_jax.convert import riad as convert
+from uad_jax.engine import evaluate
 from uad_jax.errors import ConfigError
 from uad_jax.methods import contract
 from uad_jax.methods.riad import masks as riad_masks
 from uad_jax.methods.riad import method as riad
+from uad_jax.tools import import_torch
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +160,22 @@ def test_learning_rate_steps_once_per_epoch(config):
   steps = np.arange(1, 61)                     # epochs 1..20 of 3 steps
   expected = 5e-6 * 0.1 ** (((steps - 1) // 3 + 1) // 7)
   np.testing.assert_allclose(jax.jit(state.learning_rate)(steps), expected, rtol=1e-6)
+
+
+def test_import_torch_checkpoint(tmp_path):
+  """A reference checkpoint folder (model.safetensors, folder checkpoint_<k>) imports through
+  `import_torch` with the step k·snapshot_freq and scores with exactly the converted weights."""
+  fx = next(f for f in load_area("riad") if f.kind == "ddpmpp_forward")
+  config = riad_configs.get_config()
+  for section, values in fx.meta["config"].items():
+    for key, value in values.items() if section in config else ():
+      config[section][key] = tuple(value) if isinstance(value, list) else value
+  src = tmp_path / "checkpoint_20"
+  src.mkdir()
+  save_file({f"module.{k}": v for k, v in fx.state_dict.items()}, str(src / "model.safetensors"))
+  import_torch.import_checkpoint("riad", src, tmp_path / "run", config)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  states, step, _, _ = evaluate.restore_states(config, riad.METHOD, tmp_path / "run", None, mesh)
+  assert step == 100_000 == 20 * config.training.snapshot_freq
+  expected = convert.torch_to_flax(fx.state_dict, config)
+  jax.tree.map(np.testing.assert_array_equal, riad.scoring_params(config, states, {}), expected)
