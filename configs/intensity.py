@@ -17,7 +17,8 @@ def get_config(preset=None):
   config.data = common.data_config(modality="T1w", image_size=224, batch_size=1)
   config.model = ml_collections.ConfigDict({"polarity": "dark"})   # T1w lesions are hypointense
   config.training = common.training_config(n_iters=0, snapshot_freq=0, log_freq=1)
-  config.eval = common.eval_config(thr_start=0.05, thr_end=1.0, thr_step=0.01)
+  # No reference sweep exists for a baseline: derived from the healthy validation scores.
+  config.eval = common.eval_config(thr_start=0.0, thr_end=0.0, thr_step=0.0)
   if preset == "demo":
     config.data.image_size = 120
     config.eval.split_size = 78
