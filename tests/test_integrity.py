@@ -3,6 +3,7 @@ locks, config checks and one-line errors. Every case here failed before its fix.
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,13 +16,16 @@ import lmdb
 import numpy as np
 import pytest
 
+from configs import common
 from engine_helpers import cohort_config, tiny_cohort, tiny_config
 from uad_jax import methods
 from uad_jax.data import lmdb_format
+from uad_jax.data.demo import cohort as demo_cohort
+from uad_jax.data.demo import prepare as demo_prepare
 from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.data.lmdb_writer import write_slice_database
 from uad_jax.engine import checkpoints, evaluate, trainer, workdir_lock
-from uad_jax.engine.config import REPO_ROOT
+from uad_jax.engine.config import REPO_ROOT, check_types, load_config
 from uad_jax.errors import ConfigError, DataError, TrainingError
 from uad_jax.methods import andi
 from uad_jax.report import load as report_load
@@ -296,3 +300,92 @@ def test_interrupted_reevaluation_is_marked_and_refused_by_the_report(cohort, tr
   results.write_text(json.dumps(doc))
   with pytest.raises(DataError, match="cohorts of different evaluations in one folder"):
     report_load.load_cohorts([work])
+
+
+# --- The user's commands -----------------------------------------------------------------------
+
+def _command(*args, cwd=REPO_ROOT):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("UAD_DEBUG", None)
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd,
+                        env=env, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/andi.py:tiny", "--workdir", "W"],
+     "config.data.train_lmdb is not set; pass --config.data.train_lmdb=PATH"),
+    (["--config", "configs/andi.py:tiny", "--workdir", "W", "--config.model.nff=8"],
+     "--config.model.nff: no such key in configs/andi.py:tiny; did you mean model.nf"),
+    (["--config", "configs/andi.py:dmeo", "--workdir", "W"], "unknown preset 'dmeo'"),
+    (["--config", "configs/andi.py:tiny", "--workdir", "W", "--config.model.ch_mult=foo"],
+     "config.model.ch_mult=('foo',) has the wrong type: the default is (1, 2)"),
+], ids=["missing-path", "unknown-key", "unknown-preset", "wrong-type"])
+def test_train_errors_are_one_line_with_exit_code_2(args, message):
+  proc = _command("uad_jax.train", *args)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("uad_jax.train: error: ") and message in lines[0]
+
+
+def test_eval_errors_are_one_line_and_debug_shows_the_traceback(cohort, trained, tmp_path):
+  flags = ["--config", "configs/andi.py:tiny", f"--ckpt={trained}",
+           f"--config.data.train_lmdb={cohort['lmdb']}",
+           f"--config.eval.cohorts.test.csv={cohort['test_healthy']}",
+           "--config.eval.cohorts.test.lesion=false"]
+  proc = _command("uad_jax.eval", *flags, "--step", "3")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      f"uad_jax.eval: error: no checkpoint for step 3 in {trained / 'checkpoints'}; available: "
+      "[2, 4]"]
+  proc = _command("uad_jax.eval", *flags, "--debug")   # not calibrated
+  assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "uad_jax.eval: error: no calibrated thresholds at ")
+
+
+def test_help_lists_presets_and_print_config_lists_every_key():
+  proc = _command("uad_jax.train", "--help")
+  assert proc.returncode == 0
+  assert "configs/andi.py: :demo, :tiny" in proc.stdout and "--print_config" in proc.stdout
+  proc = _command("uad_jax.eval", "--config", "configs/patchcore.py", "--print_config",
+                  "--config.eval.cohorts.brats.csv=/data/brats_T2w.csv")
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert "eval.cohorts.brats.csv = '/data/brats_T2w.csv'" in lines   # before: KeyError
+  assert "eval.cohorts.brats.lesion = True" in lines
+  assert "data.batch_size = 32" in lines or any(l.startswith("data.batch_size = ") for l in lines)
+
+
+def test_config_types_are_checked_against_the_preset():
+  defaults = load_config(str(REPO_ROOT / "configs" / "andi.py") + ":tiny")
+  config = load_config(str(REPO_ROOT / "configs" / "andi.py") + ":tiny")
+  with config.unlocked():
+    config.model.ch_mult = (1, 2, 2)
+    config.optim.lr = 1                        # an int where a float is expected is fine
+  check_types(config, defaults)
+  with config.unlocked():
+    config.model.ch_mult = ("foo",)
+  with pytest.raises(ConfigError, match=r"config.model.ch_mult=\('foo',\) has the wrong type"):
+    check_types(config, defaults)
+
+
+def test_demo_preset_builds_its_missing_data_resumably(tmp_path, monkeypatch, caplog):
+  caplog.set_level(logging.INFO, logger="uad_jax")
+  calls, generate = [], demo_cohort.generate
+
+  def small_generate(out_dir):
+    calls.append(out_dir)
+    return generate(out_dir, scale=0.1, progress=False)
+
+  monkeypatch.setattr(demo_prepare.demo_cohort, "generate", small_generate)
+  config = load_config(str(REPO_ROOT / "configs" / "andi.py") + ":demo")
+  common.use_demo_cohort(config, str(tmp_path / "demo"))
+  assert demo_prepare.demo_root(config) == tmp_path / "demo"
+  demo_prepare.ensure_demo_data(config)        # before: "data.train_lmdb ...: no such dir"
+  assert "generating the demo cohort" in caplog.text
+  assert SliceDataSource(config.data.train_lmdb).header["version"] == lmdb_format.FORMAT_VERSION
+  for csv in (config.eval.val_healthy_csv, config.eval.cohorts.test_ms.csv):
+    assert os.path.isfile(csv)
+  demo_prepare.ensure_demo_data(config)        # complete: nothing is redone
+  assert len(calls) == 1
+  assert demo_prepare.demo_root(tiny_config({"lmdb": "x", "val_healthy": "v", "val_lesion": "l",
+                                             "test_healthy": "h", "test_lesion": "t"})) is None

@@ -66,10 +66,16 @@ def fail(prog: str, error: BaseException, argv) -> None:
   sys.exit(report_error(prog, error, debug=_debug(argv)))
 
 
-def run_absl(main, *, prog: str, config_flag: str = "config") -> None:
-  """`absl.app.run(main)` with checked config flags and one-line errors."""
+def run_absl(main, *, prog: str, config_flag: str | None = "config") -> None:
+  """`absl.app.run(main)` with one-line errors and, when the entry point has one, a checked
+  config flag."""
   def parse(argv):
     try:
+      if config_flag is None:
+        try:
+          return flags.FLAGS(argv)
+        except flags.Error as e:
+          raise ConfigError(str(e)) from e
       return _parse_flags(argv, config_flag)
     except UadError as e:
       fail(prog, e, argv)
@@ -94,8 +100,9 @@ def _config_spec(argv, name: str) -> str | None:
 
 def _parse_flags(argv, name: str):
   """absl flag parsing after our own checks of `--config` and its overrides."""
-  if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
-    return flags.FLAGS(argv)   # absl prints the help and exits
+  if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+    flags.FLAGS.mark_as_parsed()
+    app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True, exitcode=0)
   spec = _config_spec(argv[1:], name)
   if spec is None:
     raise ConfigError(f"--{name} is required, e.g. --{name} configs/andi.py:demo")

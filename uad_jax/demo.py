@@ -15,33 +15,21 @@ training, an existing calibration) and redoes the rest.
 import logging as std_logging
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import common
-from uad_jax import methods
+from uad_jax import cli, methods
 from uad_jax.data.demo import cohort as demo_cohort
-from uad_jax.data.lmdb_source import SliceDataSource
-from uad_jax.data.lmdb_writer import write_slice_database
+from uad_jax.data.demo.prepare import ensure_database
 from uad_jax.engine import evaluate, trainer
 from uad_jax.engine.config import REPO_ROOT, load_config
 from uad_jax.evaluation.calibration import ARTIFACT_NAME
 from uad_jax.report import write_report
-from uad_jax.utils.checksum import file_sha256
 
 _OUT = flags.DEFINE_string("out", common.DEMO_ROOT, "output folder of the whole demo")
 _METHODS = flags.DEFINE_list("methods", ["andi", "patchcore"],
                              "methods to run (their configs' demo preset)")
 _MODALITY = flags.DEFINE_enum("modality", "T1w", ["T1w", "T2w"], "contrast to train on")
-
-
-def ensure_database(csv: Path, out_dir: Path) -> Path:
-  """The slice LMDB of `csv`, built unless one from the same CSV content exists."""
-  db = out_dir / "slices"
-  if db.is_dir():
-    header = SliceDataSource(db).header or {}
-    if header.get("source_csv", {}).get("sha256") == file_sha256(csv):
-      return db
-  return write_slice_database(csv, out_dir)
 
 
 def run_method(method: str, root: Path, modality: str) -> Path:
@@ -79,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main, prog="uad_jax.demo", config_flag=None)

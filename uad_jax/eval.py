@@ -33,7 +33,7 @@ def main(argv):
   if not _CKPT.value:
     raise cli.ConfigError("--ckpt is required (a training workdir, its checkpoints/ or a step)")
   distributed.initialize_from_flags()
-  logging.set_verbosity(logging.WARNING)   # orbax and jax are chatty at INFO
+  logging.set_verbosity(logging.ERROR)   # orbax warns on every read-only restore
   std_logging.getLogger("uad_jax").setLevel(std_logging.INFO)
   if _CALIBRATE.value:
     evaluate.calibrate(_CONFIG.value, _CKPT.value, _STEP.value)

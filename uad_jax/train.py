@@ -13,6 +13,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from uad_jax import cli
+from uad_jax.data.demo.prepare import ensure_demo_data
 from uad_jax.engine import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, cli.config_help(), lock_config=True)
@@ -27,6 +28,7 @@ def main(argv):
   distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)   # orbax and jax are chatty at INFO
   std_logging.getLogger("uad_jax").setLevel(std_logging.INFO)
+  ensure_demo_data(_CONFIG.value)
   trainer.train(_CONFIG.value, _WORKDIR.value)
 
 
