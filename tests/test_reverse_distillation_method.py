@@ -74,14 +74,12 @@ def test_reference_initialisation():
   taps = [jnp.zeros((2, 8 >> k, 8 >> k, c)) for k, c in enumerate(cfg.teacher_channels)]
   variables = jax.jit(Student(cfg).init)(jax.random.key(0), taps)
   flat = traverse_util.flatten_dict(variables["params"])
-  deconv = lambda p: p[-2] == "upsample_deconv" or (p[0] == "decoder" and p[1].endswith("_0")
-                                                   and p[-2] == "conv2")
   for path, w in flat.items():
     if path[-1] == "scale":
       np.testing.assert_array_equal(w, 1.0)
     elif path[-1] == "bias":
       np.testing.assert_array_equal(w, 0.0)
-    elif deconv(path):
+    elif _is_deconv(path[:-1]):
       bound = 1.0 / np.sqrt(w.shape[-1] * 4)
       assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound, path
     else:
@@ -203,12 +201,11 @@ def _to_torch(variables: dict, transposed=lambda path: False) -> dict:
   leaves = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
             "var": "running_var"}
   sd = {}
-  for (collection, *path, leaf), value in traverse_util.flatten_dict(variables).items():
+  for (_, *path, leaf), value in traverse_util.flatten_dict(variables).items():
     value = np.asarray(value)
     if leaf == "kernel":
-      value = value.transpose(2, 3, 0, 1) if transposed(tuple(path)) else value.transpose(3, 2, 0, 1)
+      value = value.transpose((2, 3, 0, 1) if transposed(tuple(path)) else (3, 2, 0, 1))
     sd[f"{_torch_name(tuple(path))}.{leaves[leaf]}"] = np.ascontiguousarray(value)
-    del collection
   return sd
 
 
@@ -268,8 +265,8 @@ def test_presets():
   paper = rd_config.get_config()
   assert paper.model.backbone == "wide_resnet50_2" and paper.eval.step == 20_000
   assert paper.optim.weight_decay == 0.01 and paper.training.n_iters == 25_000
-  assert np.allclose(np.arange(paper.eval.thr_start, paper.eval.thr_end, paper.eval.thr_step)[[0, -1]],
-                     [0.01, 0.29])
+  sweep = np.arange(paper.eval.thr_start, paper.eval.thr_end, paper.eval.thr_step)
+  assert np.allclose(sweep[[0, -1]], [0.01, 0.29]) and len(sweep) == 29
   assert rd.warnings(paper) == []
   with pytest.raises(ConfigError, match="wide_resnet50_2-95faca4d.pth"):
     feature_extractor.load_frozen_backbone(paper.model, None)

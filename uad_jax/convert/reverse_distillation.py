@@ -13,10 +13,13 @@ Leaves:
 | torch | Flax |
 |---|---|
 | Conv2d weight (O, I, kh, kw) | params/.../kernel = w.transpose(2, 3, 1, 0) |
-| ConvTranspose2d weight (I, O, 2, 2) (`upsample.0`, `conv2` of decoder block 0) | params/.../kernel = w.transpose(2, 3, 0, 1) (`ops/conv_transpose.py`) |
+| ConvTranspose2d weight (I, O, 2, 2) (*) | params/.../kernel = w.transpose(2, 3, 0, 1) |
 | BatchNorm2d weight, bias | params/.../scale, bias |
 | BatchNorm2d running_mean, running_var | batch_stats/.../mean, var |
 | num_batches_tracked | dropped |
+
+(*) `upsample.0` and the `conv2` of each decoder stage's block 0 (`rd_student.Upsample2x`, the
+layout of `ops/conv_transpose.py`).
 
 The expected tree comes from the Flax student itself, so every key and shape is checked: a
 missing or unexpected key, or a wrong shape, is a DataError naming the key.
