@@ -25,7 +25,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from uad_jax.diffusion import pyramid_noise as pyramid
 from uad_jax.diffusion.losses import vpred_losses
