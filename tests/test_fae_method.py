@@ -230,3 +230,21 @@ def test_tiny_run_through_the_engine(tmp_path):
   res = json.loads((tmp_path / "eval" / "lesion" / "results.json").read_text())
   assert any("RANDOM BACKBONE WEIGHTS" in w for w in res["info"]["warnings"])
   assert Path(tmp_path / "eval" / "summary.md").is_file()
+
+
+@pytest.mark.parametrize("kernel,strides,padding,output_padding", [
+    ((6, 6), (2, 2), (2, 2), (0, 0)), ((7, 7), (2, 2), (2, 2), (0, 0)),
+    ((2, 2), (2, 2), (0, 0), (0, 0)), ((3, 4), (2, 3), (1, 0), (1, 2)), ((3, 3), (1, 1), (1, 1), (0, 0))])
+def test_conv_transpose_kernel_gradient_equals_autodiff(kernel, strides, padding, output_padding):
+  """The hand-written kernel gradient of the shared ConvTranspose (FAE's decoder) = XLA's."""
+  from uad_jax.ops import conv_transpose as ct   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(*kernel, 3, 4)), jnp.float32)
+  args = (strides, padding, output_padding, "highest")
+  y = ct.conv_transpose(x, k, *args)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  ours = jax.vjp(lambda x, k: ct.conv_transpose(x, k, *args), x, k)[1](g)
+  xla = jax.vjp(lambda x, k: ct._dilated_correlation(x, k, *args), x, k)[1](g)   # pylint: disable=protected-access
+  for a, b in zip(ours, xla):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
