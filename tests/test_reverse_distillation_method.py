@@ -16,7 +16,7 @@ from uad_jax.convert import reverse_distillation as convert
 from uad_jax.errors import ConfigError, DataError
 from uad_jax.methods import contract, get_method
 from uad_jax.methods import reverse_distillation as rd
-from uad_jax.networks import feature_extractor
+from uad_jax.networks import backbones, feature_extractor
 from uad_jax.networks.rd_student import Student, StudentConfig, Upsample2x, abstract_variables
 from uad_jax.ops.conv_transpose import ConvTranspose
 
@@ -270,8 +270,12 @@ def test_presets():
   assert rd.warnings(paper) == []
   with pytest.raises(ConfigError, match="wide_resnet50_2-95faca4d.pth"):
     feature_extractor.load_frozen_backbone(paper.model, None)
-  demo = rd_config.get_config("demo")
-  assert "RANDOM BACKBONE WEIGHTS" in rd.warnings(demo)[0]
-  assert get_method("reverse_distillation").warnings(demo) == rd.warnings(demo)
+  tiny = tiny_config()   # random resnet18 teacher: flagged
+  assert "RANDOM BACKBONE WEIGHTS" in rd.warnings(tiny)[0]
+  assert get_method("reverse_distillation").warnings(tiny) == rd.warnings(tiny)
+  demo = rd_config.get_config("demo")   # EfficientNet-Lite0: random only without its package
+  packaged = backbones.get_backbone(demo.model.backbone).paper_weights.installed_path()
+  assert (rd.warnings(demo) == []) == (packaged is not None)
+  assert rd.teacher_channels(demo) == (24, 40, 80)
   with pytest.raises(ValueError, match="unknown preset"):
     rd_config.get_config("huge")

