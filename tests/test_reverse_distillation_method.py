@@ -17,8 +17,7 @@ from uad_jax.errors import ConfigError, DataError
 from uad_jax.methods import contract, get_method
 from uad_jax.methods import reverse_distillation as rd
 from uad_jax.networks import backbones, feature_extractor
-from uad_jax.networks.rd_student import Student, StudentConfig, Upsample2x, abstract_variables
-from uad_jax.ops.conv_transpose import ConvTranspose
+from uad_jax.networks.rd_student import Student, StudentConfig, abstract_variables
 
 PAPER = StudentConfig((256, 512, 1024), 128)
 SMALL = StudentConfig((8, 16, 32), 4)
@@ -47,17 +46,6 @@ def test_paper_student_tables_and_parameter_count():
        for k, c in enumerate((256, 512, 1024))])
   assert code.shape == (1, 7, 7, 2048)
   assert [o.shape for o in outputs] == [(1, 56, 56, 256), (1, 28, 28, 512), (1, 14, 14, 1024)]
-
-
-def test_upsample2x_is_the_ops_conv_transpose():
-  """Same variable, same values as the general torch-semantics op (which is tested vs numpy)."""
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 5, 6), np.float32))
-  variables = Upsample2x(4).init(jax.random.key(0), x)
-  general = ConvTranspose(4, 2, 2, use_bias=False, precision="highest")
-  assert (jax.tree.map(np.shape, general.init(jax.random.key(0), x))
-          == jax.tree.map(np.shape, variables))
-  np.testing.assert_allclose(Upsample2x(4, precision="highest").apply(variables, x),
-                             general.apply(variables, x), rtol=1e-6, atol=1e-6)
 
 
 def test_student_config_rejects_bad_tables():

@@ -18,8 +18,7 @@ Leaves:
 | BatchNorm2d running_mean, running_var | batch_stats/.../mean, var |
 | num_batches_tracked | dropped |
 
-(*) `upsample.0` and the `conv2` of each decoder stage's block 0 (`rd_student.Upsample2x`, the
-layout of `ops/conv_transpose.py`).
+(*) `upsample.0` and the `conv2` of each decoder stage's block 0 (`ops/conv_transpose.py`).
 
 The expected tree comes from the Flax student itself, so every key and shape is checked: a
 missing or unexpected key, or a wrong shape, is a DataError naming the key.

@@ -12,8 +12,8 @@ reference's tables, written without its hard-coded wide_resnet50_2 numbers):
   int(512·W/64) and output 2·C3, the first with stride 2 and a 1x1/2 conv + BN shortcut.
 * decoder stages (in, width, out) = (2·C3, int(256·W/64), C3), (C3, int(128·W/64), C2),
   (C2, int(64·W/64), C1), with `decoder_blocks` (3, 4, 6) bottlenecks; block 0 of each stage
-  upsamples by 2 with a 2x2/2 ConvTranspose (`Upsample2x`) in its main path and a 2x2/2
-  ConvTranspose + BN shortcut.
+  upsamples by 2 with a 2x2/2 ConvTranspose (`ops/conv_transpose.py`) in its main path and a
+  2x2/2 ConvTranspose + BN shortcut.
 wide_resnet50_2 (C = 256, 512, 1024; W = 128) gives the reference's 2048x7x7 code at 224².
 The reference also builds OCBE `conv4`/`bn4` but never calls them (§6.2): they are omitted.
 
@@ -38,39 +38,11 @@ import jax.numpy as jnp
 from uad_jax.errors import ConfigError
 from uad_jax.networks import torchvision_layers as tvl
 from uad_jax.ops.batchnorm import BatchNorm
+from uad_jax.ops.conv_transpose import ConvTranspose
 
 # Reference planes of the OCBE bottlenecks and of the decoder stages; width = int(planes·W/64).
 OCBE_PLANES = 512
 DECODER_PLANES = (256, 128, 64)
-
-
-# torch's default ConvTranspose2d init, uniform(±1/sqrt(O·kh·kw)), on a (kh, kw, I, O) kernel.
-TORCH_DECONV_INIT = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
-
-
-class Upsample2x(nn.Module):
-  """torch.nn.ConvTranspose2d(I, O, kernel_size=2, stride=2, bias=False) on NHWC inputs.
-
-  Same variable as `uad_jax/ops/conv_transpose.ConvTranspose(O, 2, 2, use_bias=False)` (kernel
-  (2, 2, I, O) = torch weight.transpose(2, 3, 0, 1)) and the same init. The 2x2 taps of a
-  stride-2 kernel never overlap, y[2i + p, 2j + q] = x[i, j] @ W[p, q] (spec §3, form (a)), so it
-  is one matmul and a depth-to-space. The general op's lhs-dilated convolution has a weight
-  gradient that XLA:CPU runs ~60x slower (512 -> 256 channels at 28², batch 4: 7.1 s vs 0.11 s
-  for forward + backward), which would dominate RD's training step.
-  """
-  features: int
-  dtype: Any = jnp.float32
-  precision: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, H, W, I) -> (B, 2H, 2W, O) in `dtype`."""
-    kernel = self.param("kernel", TORCH_DECONV_INIT, (2, 2, x.shape[-1], self.features),
-                        jnp.float32)
-    y = jnp.einsum("bhwi,pqio->bhpwqo", jnp.asarray(x, self.dtype),
-                   jnp.asarray(kernel, self.dtype), precision=self.precision)
-    b, h, _, w, _, o = y.shape
-    return y.reshape(b, 2 * h, 2 * w, o)
 
 
 def _width(planes: int, width_per_group: int) -> int:
@@ -122,8 +94,8 @@ class StudentBottleneck(nn.Module):
   """ReLU(main(x) + shortcut(x)), main = BN∘conv1x1 ∘ ReLU∘BN∘mid ∘ ReLU∘BN∘conv1x1.
 
   mid is a 3x3 conv with `stride` (OCBE, decoder blocks 1..n-1) or, with `upsample`, a 2x2/2
-  ConvTranspose (`Upsample2x`). The shortcut is the identity when shapes allow, else a
-  1x1/stride conv + BN (`downsample_*`) or a 2x2/2 ConvTranspose + BN (`upsample_*`).
+  ConvTranspose. The shortcut is the identity when shapes allow, else a 1x1/stride conv + BN
+  (`downsample_*`) or a 2x2/2 ConvTranspose + BN (`upsample_*`).
   """
   width: int
   out: int
@@ -138,13 +110,14 @@ class StudentBottleneck(nn.Module):
     bn = lambda name: BatchNorm(use_running_average=not train, dtype=self.dtype, name=name)
     h = nn.relu(bn("bn1")(tvl.conv(self.width, 1, name="conv1", **conv_kw)(x)))
     if self.upsample:
-      mid = Upsample2x(self.width, name="conv2", **conv_kw)
+      mid = ConvTranspose(self.width, 2, 2, use_bias=False, name="conv2", **conv_kw)
     else:
       mid = tvl.conv(self.width, 3, self.stride, name="conv2", **conv_kw)
     h = nn.relu(bn("bn2")(mid(h)))
     h = bn("bn3")(tvl.conv(self.out, 1, name="conv3", **conv_kw)(h))
     if self.upsample:
-      shortcut = bn("upsample_bn")(Upsample2x(self.out, name="upsample_deconv", **conv_kw)(x))
+      deconv = ConvTranspose(self.out, 2, 2, use_bias=False, name="upsample_deconv", **conv_kw)
+      shortcut = bn("upsample_bn")(deconv(x))
     elif self.stride != 1 or x.shape[-1] != self.out:
       shortcut = bn("downsample_bn")(
           tvl.conv(self.out, 1, self.stride, name="downsample_conv", **conv_kw)(x))
