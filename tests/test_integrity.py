@@ -1,7 +1,6 @@
 """Nothing silent, nothing stuck (issue 15): data and checkpoint integrity, crash-safe outputs,
 locks, config checks and one-line errors. Every case here failed before its fix."""
 
-import dataclasses
 import json
 import logging
 import os
@@ -24,10 +23,11 @@ from uad_jax.data.demo import cohort as demo_cohort
 from uad_jax.data.demo import prepare as demo_prepare
 from uad_jax.data.lmdb_source import SliceDataSource
 from uad_jax.data.lmdb_writer import write_slice_database
-from uad_jax.engine import checkpoints, evaluate, trainer, workdir_lock
+from uad_jax.engine import checkpoints, evaluate, optim, trainer, workdir_lock
+from uad_jax.engine.train_state import TrainState
 from uad_jax.engine.config import REPO_ROOT, check_types, load_config
 from uad_jax.errors import ConfigError, DataError, TrainingError
-from uad_jax.methods import andi
+from uad_jax.methods import contract
 from uad_jax.report import load as report_load
 
 
@@ -158,10 +158,43 @@ def test_record_checksum_is_crc32_of_the_slice_bytes():
 
 @pytest.fixture(scope="module")
 def trained(cohort, tmp_path_factory):
-  """A workdir trained for 4 steps (checkpoints at 2 and 4)."""
+  """A workdir of tiny ANDi trained for 4 steps (checkpoints at 2 and 4), for evaluation."""
   workdir = tmp_path_factory.mktemp("run")
-  trainer.train(tiny_config(cohort), workdir)
+  trainer.train(tiny_config(cohort, preview_images=0), workdir)
   return workdir
+
+
+def _toy_method(nan_from_step: int | None = None, refuse_init: bool = False) -> contract.Method:
+  """A one-weight model registered as 'andi': the engine's behaviour in a second of compiling.
+
+  nan_from_step: the loss is NaN from this step on. refuse_init: `init` raises a ConfigError
+  (as PatchCore does without its backbone weights)."""
+  def init(config, rng, ctx):
+    if refuse_init:
+      raise ConfigError("no weights for this model")
+    tx, lr = optim.make_optimizer(config.optim, ctx.steps_per_epoch)
+    w = jax.random.normal(rng, (config.model.nf, 64), jnp.float32)   # incompressible bytes
+    return TrainState.create({"w": w}, tx, lr, ema=False)
+
+  def train_step(config, state, batch, rng):
+    loss_fn = lambda p: jnp.mean((batch["image"] * p["w"].mean() - 0.1) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    state = state.apply_gradients(grads)
+    if nan_from_step is not None:
+      loss = jnp.where(state.step >= nan_from_step, jnp.nan, loss)
+    return state, {"loss": loss}
+
+  return contract.Method(name="andi", score=lambda *a: None, scoring_params=lambda *a: None,
+                         stages=(contract.Stage("model", init, train_step),))
+
+
+@pytest.fixture
+def toy(monkeypatch):
+  """Registers `_toy_method(**kwargs)` as 'andi'; returns the registering function."""
+  def use(**kwargs):
+    monkeypatch.setattr(methods, "get_method", lambda name: _toy_method(**kwargs))
+  use()
+  return use
 
 
 def _copy(trained, tmp_path):
@@ -171,64 +204,76 @@ def _copy(trained, tmp_path):
 
 
 def _flip_bytes(step_dir) -> None:
-  """Flips bytes in the middle of the largest array file of a checkpoint's state."""
-  f = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  """Flips a byte in the middle of the largest array-data file of a checkpoint's state: orbax
+  alone restores it without a word, one parameter changed."""
+  f = max((p for p in (step_dir / "state").glob("ocdbt.process_*/d/*")),
+          key=lambda p: p.stat().st_size)
   data = bytearray(f.read_bytes())
-  for i in range(len(data) // 2, len(data) // 2 + 64):
-    data[i] ^= 0xFF
+  data[len(data) // 2] ^= 0x10
   f.write_bytes(bytes(data))
 
 
-def _restore(config, workdir, step=None, read_only=True):
-  store = checkpoints.CheckpointStore(workdir / "checkpoints", read_only=read_only)
+def _restore(workdir, step=None):
+  store = checkpoints.CheckpointStore(workdir / "checkpoints", read_only=True)
   try:
-    return store.restore(andi.init_state(config, jax.random.key(0)), step)
+    return store.restore(None, step)
   finally:
     store.close()
 
 
-def test_checkpoint_digest_is_verified_and_a_corrupt_newest_falls_back(cohort, trained, tmp_path,
+def test_checkpoint_digest_is_verified_and_a_corrupt_newest_falls_back(cohort, toy, tmp_path,
                                                                        caplog):
-  work = _copy(trained, tmp_path)
-  assert (work / "checkpoints" / "4" / checkpoints.DIGEST).is_file()
-  _flip_bytes(work / "checkpoints" / "4")
-  step, _, _, _ = _restore(tiny_config(cohort), work)   # before: step 4, silently changed
+  trainer.train(tiny_config(cohort), tmp_path)
+  assert (tmp_path / "checkpoints" / "4" / checkpoints.DIGEST).is_file()
+  _flip_bytes(tmp_path / "checkpoints" / "4")
+  step, _, _, _ = _restore(tmp_path)   # before: step 4, with silently changed values
   assert step == 2
   assert "checkpoints/4 is corrupt: " in caplog.text and "differ from digest.json" in caplog.text
   with pytest.raises(DataError, match="checkpoints/4 is corrupt"):
-    _restore(tiny_config(cohort), work, step=4)
+    _restore(tmp_path, step=4)
+  # Training resumes: before, step 4 counted as complete, and once resumed from step 2,
+  # saving step 4 again raised StepAlreadyExistsError. Now step 4 is quarantined (kept).
+  trainer.train(tiny_config(cohort), tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4",
+                                                                         "4.corrupt-0"]
+  assert _restore(tmp_path)[0] == 4
 
 
-def test_training_quarantines_a_corrupt_checkpoint_and_finishes(cohort, trained, tmp_path):
-  work = _copy(trained, tmp_path)
-  _flip_bytes(work / "checkpoints" / "4")
-  trainer.train(tiny_config(cohort, n_iters=6), work)   # before: StepAlreadyExistsError at 4
-  assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2", "4", "4.corrupt-0", "6"]
-  step, _, _, _ = _restore(tiny_config(cohort), work)
-  assert step == 6
-  # The same when the corrupt checkpoint is the final one: the stage is not "complete".
-  _flip_bytes(work / "checkpoints" / "6")
-  trainer.train(tiny_config(cohort, n_iters=6), work)
-  assert (work / "checkpoints" / "6.corrupt-0").is_dir() and _restore(
-      tiny_config(cohort), work)[0] == 6
-
-
-def test_non_finite_loss_stops_training_naming_step_and_slices(cohort, tmp_path, monkeypatch):
-  method = methods.get_method("andi")
-  stage = method.final_stage
-
-  def nan_from_step_3(config, state, batch, rng):
-    state, metrics = stage.train_step(config, state, batch, rng)
-    return state, dict(metrics, loss=jnp.where(state.step >= 3, jnp.nan, metrics["loss"]))
-
-  broken = dataclasses.replace(method, stages=(dataclasses.replace(
-      stage, train_step=nan_from_step_3),))
-  monkeypatch.setattr(methods, "get_method", lambda name: broken)
+def test_non_finite_loss_stops_training_naming_step_and_slices(cohort, toy, tmp_path):
+  toy(nan_from_step=3)
   config = tiny_config(cohort, log_freq=4)   # checked at the snapshot of step 4 all the same
   with pytest.raises(TrainingError, match=r"non-finite training metrics \{'loss': nan\} at step "
                                           r"3 \(batch of sub-00\d slice \d.*the last checkpoint"):
     trainer.train(config, tmp_path)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_config_json_is_written_once_after_validation(cohort, toy, tmp_path):
+  toy(refuse_init=True)
+  wide = tiny_config(cohort, n_iters=2)
+  wide.model.nf = 16
+  with pytest.raises(ConfigError, match="no weights"):
+    trainer.train(wide, tmp_path)
+  assert not (tmp_path / "config.json").exists()       # before: written, locking the workdir
+  toy()
+  trainer.train(tiny_config(cohort, n_iters=2), tmp_path)   # the corrected launch runs
+  recorded = (tmp_path / "config.json").read_text()
+  other_batch = tiny_config(cohort)
+  other_batch.data.batch_size = 2
+  with pytest.raises(ConfigError, match="another pipeline"):
+    trainer.train(other_batch, tmp_path)
+  assert (tmp_path / "config.json").read_text() == recorded   # before: rewritten
+  other_model = tiny_config(cohort)
+  other_model.model.nf = 16
+  with pytest.raises(ConfigError, match="holds a run of another model"):
+    trainer.train(other_model, tmp_path)
+
+
+def test_second_training_on_a_workdir_names_the_holder(cohort, toy, tmp_path):
+  with workdir_lock.hold(tmp_path):
+    with pytest.raises(ConfigError, match=rf"is in use by process {os.getpid()} on "):
+      trainer.train(tiny_config(cohort), tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
 
 
 def test_eval_with_another_methods_config_says_so(cohort, trained, tmp_path):
@@ -240,37 +285,6 @@ def test_eval_with_another_methods_config_says_so(cohort, trained, tmp_path):
   (work / "config.json").unlink()                      # the checkpoint's own record
   with pytest.raises(ConfigError, match="holds a andi checkpoint but config.method is patchcore"):
     evaluate.evaluate(config, work, out=str(tmp_path / "eval"))
-
-
-def test_config_json_is_written_once_after_validation(cohort, tmp_path, monkeypatch):
-  method = methods.get_method("andi")
-  stage = method.final_stage
-
-  def refuse(config, rng, ctx):
-    raise ConfigError("no weights for this model")
-
-  broken = dataclasses.replace(method, stages=(dataclasses.replace(stage, init=refuse),))
-  monkeypatch.setattr(methods, "get_method", lambda name: broken)
-  wide = tiny_config(cohort, n_iters=2)
-  wide.model.nf = 16
-  with pytest.raises(ConfigError, match="no weights"):
-    trainer.train(wide, tmp_path)
-  assert not (tmp_path / "config.json").exists()       # before: written, locking the workdir
-  monkeypatch.undo()
-  trainer.train(tiny_config(cohort, n_iters=2), tmp_path)   # the corrected launch runs
-  recorded = (tmp_path / "config.json").read_text()
-  other_batch = tiny_config(cohort)
-  other_batch.data.batch_size = 2
-  with pytest.raises(ConfigError, match="another pipeline"):
-    trainer.train(other_batch, tmp_path)
-  assert (tmp_path / "config.json").read_text() == recorded   # before: rewritten
-
-
-def test_second_training_on_a_workdir_names_the_holder(cohort, tmp_path):
-  with workdir_lock.hold(tmp_path):
-    with pytest.raises(ConfigError, match=rf"is in use by process {os.getpid()} on "):
-      trainer.train(tiny_config(cohort), tmp_path)
-  assert not (tmp_path / "checkpoints").exists()
 
 
 # --- Evaluation outputs ------------------------------------------------------------------------
