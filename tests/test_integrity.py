@@ -26,7 +26,7 @@ from uad_jax.data.lmdb_writer import write_slice_database
 from uad_jax.engine import checkpoints, evaluate, optim, trainer, workdir_lock
 from uad_jax.engine.train_state import TrainState
 from uad_jax.engine.config import REPO_ROOT, check_types, load_config
-from uad_jax.errors import ConfigError, DataError, TrainingError
+from uad_jax.errors import ConfigError, DataError, TrainingError, UadError
 from uad_jax.methods import contract
 from uad_jax.report import load as report_load
 
@@ -78,7 +78,7 @@ def test_non_finite_slices_are_refused_in_every_format(cohort, tmp_path):
     SliceDataSource(ref)[1]  # pylint: disable=expression-not-assigned
 
 
-def test_training_on_a_corrupt_database_stops_with_the_record(cohort, tmp_path):
+def test_training_on_a_corrupt_database_stops_with_the_record(cohort, toy, tmp_path):
   db = _fresh_db(cohort, tmp_path)
   env = lmdb.open(str(db))
   with env.begin(write=True) as txn:   # every record: garbage bytes of the right length
@@ -158,9 +158,11 @@ def test_record_checksum_is_crc32_of_the_slice_bytes():
 
 @pytest.fixture(scope="module")
 def trained(cohort, tmp_path_factory):
-  """A workdir of tiny ANDi trained for 4 steps (checkpoints at 2 and 4), for evaluation."""
+  """A workdir of the toy method trained for 4 steps (checkpoints at 2 and 4)."""
   workdir = tmp_path_factory.mktemp("run")
-  trainer.train(tiny_config(cohort, preview_images=0), workdir)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(methods, "get_method", lambda name: _toy_method())
+    trainer.train(tiny_config(cohort), workdir)
   return workdir
 
 
@@ -184,15 +186,23 @@ def _toy_method(nan_from_step: int | None = None, refuse_init: bool = False) -> 
       loss = jnp.where(state.step >= nan_from_step, jnp.nan, loss)
     return state, {"loss": loss}
 
-  return contract.Method(name="andi", score=lambda *a: None, scoring_params=lambda *a: None,
+  def score(config, params, images, valid, rng):
+    return images[..., 0] * jnp.abs(params["w"]).mean()   # 0 on background, as required
+
+  return contract.Method(name="andi", score=score,
+                         scoring_params=lambda config, states, artifacts: states["model"].params,
                          stages=(contract.Stage("model", init, train_step),))
 
 
 @pytest.fixture
 def toy(monkeypatch):
-  """Registers `_toy_method(**kwargs)` as 'andi'; returns the registering function."""
+  """Registers `_toy_method(**kwargs)` as 'andi' (other methods stay); returns the registering
+  function."""
+  real = methods.get_method
+
   def use(**kwargs):
-    monkeypatch.setattr(methods, "get_method", lambda name: _toy_method(**kwargs))
+    monkeypatch.setattr(methods, "get_method",
+                        lambda name: _toy_method(**kwargs) if name == "andi" else real(name))
   use()
   return use
 
@@ -276,7 +286,7 @@ def test_second_training_on_a_workdir_names_the_holder(cohort, toy, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_eval_with_another_methods_config_says_so(cohort, trained, tmp_path):
+def test_eval_with_another_methods_config_says_so(cohort, trained, toy, tmp_path):
   config = cohort_config("patchcore", cohort)
   with pytest.raises(ConfigError, match=r"holds a run of another method .*\"andi\".*"
                                         r"\"patchcore\""):
@@ -289,7 +299,8 @@ def test_eval_with_another_methods_config_says_so(cohort, trained, tmp_path):
 
 # --- Evaluation outputs ------------------------------------------------------------------------
 
-def test_interrupted_reevaluation_is_marked_and_refused_by_the_report(cohort, trained, tmp_path):
+def test_interrupted_reevaluation_is_marked_and_refused_by_the_report(cohort, trained, toy,
+                                                                     tmp_path):
   work = _copy(trained, tmp_path)
   config = tiny_config(cohort)
   evaluate.calibrate(config, work)
@@ -342,18 +353,22 @@ def test_train_errors_are_one_line_with_exit_code_2(args, message):
 
 
 def test_eval_errors_are_one_line_and_debug_shows_the_traceback(cohort, trained, tmp_path):
-  flags = ["--config", "configs/andi.py:tiny", f"--ckpt={trained}",
-           f"--config.data.train_lmdb={cohort['lmdb']}",
+  flags = ["--config", "configs/andi.py:tiny", f"--config.data.train_lmdb={cohort['lmdb']}",
            f"--config.eval.cohorts.test.csv={cohort['test_healthy']}",
            "--config.eval.cohorts.test.lesion=false"]
-  proc = _command("uad_jax.eval", *flags, "--step", "3")
+  proc = _command("uad_jax.eval", *flags, f"--ckpt={trained}", "--step", "3")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
       f"uad_jax.eval: error: no checkpoint for step 3 in {trained / 'checkpoints'}; available: "
       "[2, 4]"]
-  proc = _command("uad_jax.eval", *flags, "--debug")   # not calibrated
+  proc = _command("uad_jax.eval", *flags, f"--ckpt={tmp_path / 'nothing'}", "--debug")
   assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      "uad_jax.eval: error: no calibrated thresholds at ")
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"uad_jax.eval: error: --ckpt {tmp_path / 'nothing'}: no such checkpoint directory")
+
+
+def test_missing_calibration_is_one_error(cohort, trained, toy, tmp_path):
+  with pytest.raises(UadError, match="no calibrated thresholds at .*calibration.json"):
+    evaluate.evaluate(tiny_config(cohort), trained, out=str(tmp_path / "eval"))
 
 
 def test_help_lists_presets_and_print_config_lists_every_key():
