@@ -1,7 +1,9 @@
 """Config blocks shared by every method (data, training loop, evaluation protocol).
 
 Paths left empty in the paper presets must be set on the command line, e.g.
-`--config.data.train_lmdb=/data/lmdb/train_T1w --config.eval.cohorts.brats.csv=/data/brats_T1w.csv`.
+`--config.data.train_lmdb=/data/lmdb/train_T1w --config.eval.cohorts.brats.csv=/data/brats_T1w.csv`
+(a cohort named only on the command line is added, in lesion mode unless
+`--config.eval.cohorts.NAME.lesion=false`; see `uad_jax/cli.py`).
 """
 
 import ml_collections
