@@ -23,6 +23,7 @@ Config keys read (ml_collections.ConfigDict):
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ from uad_jax.methods.itermask.condition import high_frequency_condition
 from uad_jax.methods.itermask.masks import gen_mask
 from uad_jax.methods.itermask.scoring import LoopSettings, iterative_maps
 from uad_jax.networks.ddpmpp import DDPMpp, ddpmpp_from_config
+
+log = logging.getLogger(__name__)
 
 VALUE_RANGE = (-3.0, 3.0)   # the reference's x = 6·x01 − 3: brain in (−3, 3], background −3
 STAGES = ("first", "ae")
@@ -202,12 +205,19 @@ def score_chunk(config, params, images, valid, noise_of_pass, trace: int = 0) ->
                         loop_settings(config, trace))
 
 
+def _log_passes(passes, slices):
+  log.info("itermask: %d AE passes on a chunk of %d slices with brain", passes, slices)
+
+
 def score(config, params, images, valid, rng):
   """Anomaly maps (S, H, W) of one chunk (all slices of a volume in order): the squared error of
   the last accepted AE reconstruction on the brain. The noise of AE pass j is
-  normal(fold_in(rng, j)) of the chunk's shape."""
+  normal(fold_in(rng, j)) of the chunk's shape. The chunk's AE pass count (data-dependent) is
+  logged."""
   noise = lambda j: jax.random.normal(jax.random.fold_in(rng, j), images.shape, jnp.float32)
-  return score_chunk(config, params, images, valid, noise)["maps"]
+  out = score_chunk(config, params, images, valid, noise)
+  jax.debug.callback(_log_passes, out["passes"], jnp.sum(jnp.any(images > 0, axis=(1, 2, 3))))
+  return out["maps"]
 
 
 # --------------------------------------------------------------------------------- calibration
