@@ -1,9 +1,6 @@
 """FAE beyond the fixtures: paper sizes, initialisation, train-mode pieces, the train step, the
-anomaly map's rules, the converter's errors and reference import, configs, and one tiny run
-through the shared engine (train, calibrate, evaluate)."""
-
-import json
-from pathlib import Path
+anomaly map's rules, the converter's errors and reference import, configs, and the kernel
+gradient of the shared ConvTranspose. (The run through the engine: test_methods_end_to_end.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +10,13 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from configs import fae as fae_config
-from engine_helpers import cohort_config, tiny_cohort
 from reference_fixtures import load_area
 from test_fae_parity import fixture_config
 from uad_jax.convert import fae as convert
-from uad_jax.engine import checkpoints, evaluate, trainer
 from uad_jax.errors import ConfigError, DataError
-from uad_jax.methods import contract, fae, get_method
+from uad_jax.methods import contract, fae
 from uad_jax.networks.feature_autoencoder import Encoder, FeatureAutoencoder
+from uad_jax.ops import conv_transpose as ct
 
 
 def _tiny():
@@ -214,30 +210,12 @@ def test_reference_states_from_a_checkpoint_folder(tmp_path, reconstructor_fixtu
                                 .transpose(2, 3, 1, 0))
 
 
-def test_tiny_run_through_the_engine(tmp_path):
-  cohort = tiny_cohort(tmp_path / "cohort")
-  config = cohort_config("fae", cohort)
-  assert get_method(config.method) is fae.METHOD
-  workdir = tmp_path / "run"
-  trainer.train(config, workdir)
-  store = checkpoints.CheckpointStore(workdir / "checkpoints", read_only=True)
-  assert store.steps() == [2]
-  store.close()
-  calibration = evaluate.calibrate(config, workdir)
-  assert json.loads(calibration.read_text())["method"] == "fae"
-  results = evaluate.evaluate(config, workdir, out=str(tmp_path / "eval"))
-  assert set(results) == {"healthy", "lesion"}
-  res = json.loads((tmp_path / "eval" / "lesion" / "results.json").read_text())
-  assert any("RANDOM BACKBONE WEIGHTS" in w for w in res["info"]["warnings"])
-  assert Path(tmp_path / "eval" / "summary.md").is_file()
-
-
 @pytest.mark.parametrize("kernel,strides,padding,output_padding", [
     ((6, 6), (2, 2), (2, 2), (0, 0)), ((7, 7), (2, 2), (2, 2), (0, 0)),
-    ((2, 2), (2, 2), (0, 0), (0, 0)), ((3, 4), (2, 3), (1, 0), (1, 2)), ((3, 3), (1, 1), (1, 1), (0, 0))])
+    ((2, 2), (2, 2), (0, 0), (0, 0)), ((3, 4), (2, 3), (1, 0), (1, 2)),
+    ((3, 3), (1, 1), (1, 1), (0, 0))])
 def test_conv_transpose_kernel_gradient_equals_autodiff(kernel, strides, padding, output_padding):
   """The hand-written kernel gradient of the shared ConvTranspose (FAE's decoder) = XLA's."""
-  from uad_jax.ops import conv_transpose as ct   # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(*kernel, 3, 4)), jnp.float32)
@@ -245,6 +223,7 @@ def test_conv_transpose_kernel_gradient_equals_autodiff(kernel, strides, padding
   y = ct.conv_transpose(x, k, *args)
   g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
   ours = jax.vjp(lambda x, k: ct.conv_transpose(x, k, *args), x, k)[1](g)
-  xla = jax.vjp(lambda x, k: ct._dilated_correlation(x, k, *args), x, k)[1](g)   # pylint: disable=protected-access
+  dilated = ct._dilated_correlation   # pylint: disable=protected-access  (XLA's own gradient)
+  xla = jax.vjp(lambda x, k: dilated(x, k, *args), x, k)[1](g)
   for a, b in zip(ours, xla):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -4,15 +4,15 @@ The reference checkpoint (`FeatureReconstructor.state_dict()`, spec methods/fae.
 holds `step`, the backbone under `extractor.backbone.` (torchvision keys; converted by
 `uad_jax/convert/torchvision.py`) and the autoencoder under `ae.`:
 
-| torch key (after `ae.`) | Flax variable |
+| torch key (after `ae.`) | Flax variable (after `params/`, `batch_stats/`) |
 |---|---|
-| enc.encoder_layer_{i}.encoder_conv_{i}.weight (O, I, 6, 6) | params/enc/encoder_layer_{i}/encoder_conv_{i}/kernel (6, 6, I, O) |
-| enc.encoder_conv_final.weight | params/enc/encoder_conv_final/kernel |
-| dec.decoder_layer_{i}.decoder_tconv_{i}.weight (I, O, k, k) | params/dec/decoder_layer_{i}/decoder_tconv_{i}/kernel (k, k, I, O) |
-| dec.decoder_conv_final.weight (O, I, 1, 1) | params/dec/decoder_conv_final/kernel (1, 1, I, O) |
-| ....{encoder,decoder}_norm_{i}.weight, .bias | params/.../{scale, bias} |
-| ....{encoder,decoder}_norm_{i}.running_mean, .running_var | batch_stats/.../{mean, var} |
-| ....num_batches_tracked | dropped |
+| enc.encoder_layer_{i}.encoder_conv_{i}.weight | enc/encoder_layer_{i}/encoder_conv_{i}/kernel |
+| enc.encoder_conv_final.weight | enc/encoder_conv_final/kernel |
+| dec.decoder_layer_{i}.decoder_tconv_{i}.weight | dec/decoder_layer_{i}/decoder_tconv_{i}/kernel |
+| dec.decoder_conv_final.weight | dec/decoder_conv_final/kernel |
+| ...{encoder,decoder}_norm_{i}.weight, .bias | .../{encoder,decoder}_norm_{i}/scale, bias |
+| ...{encoder,decoder}_norm_{i}.running_mean, _var | (batch_stats) .../mean, var |
+| ...num_batches_tracked | dropped |
 
 Conv kernels OIHW -> HWIO; transposed-conv kernels (I, O, k, k) -> (k, k, I, O) without a flip
 (`uad_jax/ops/conv_transpose.py` flips). The expected tree comes from the Flax module, so a

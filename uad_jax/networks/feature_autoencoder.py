@@ -19,9 +19,9 @@ BN scale 1, bias 0, running mean 0, var 1.
 BatchNorm has torch's train-mode semantics (`uad_jax/ops/batchnorm.py`); Dropout2d zeroes
 whole channels per sample (`broadcast_dims` over H, W) with the Flax rng stream 'dropout'.
 
-Flax names copy the torch paths: `enc/encoder_layer_{i}/encoder_conv_{i}`, `.../encoder_norm_{i}`,
-`enc/encoder_conv_final`, `dec/decoder_layer_{i}/decoder_tconv_{i}` (i = 4..1), `.../decoder_norm_{i}`,
-`dec/decoder_conv_final` (see `uad_jax/convert/fae.py`).
+Flax names copy the torch paths: `enc/encoder_layer_{i}/encoder_conv_{i}`,
+`.../encoder_norm_{i}`, `enc/encoder_conv_final`, `dec/decoder_layer_{i}/decoder_tconv_{i}`
+(i = 4..1), `.../decoder_norm_{i}`, `dec/decoder_conv_final` (see `uad_jax/convert/fae.py`).
 """
 
 from typing import Any, Sequence
