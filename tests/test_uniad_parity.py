@@ -55,7 +55,8 @@ def split_inputs(fx) -> tuple[list[np.ndarray], np.ndarray | None]:
 def converted_model(fx):
   config = fixture_config(fx.meta["config"])
   model = uniad.build_model(config)
-  params = convert.torch_to_flax(fx.state_dict, model, fx.meta["config"]["feature_channels"], fx.name)
+  channels = fx.meta["config"]["feature_channels"]
+  params = convert.torch_to_flax(fx.state_dict, model, channels, fx.name)
   return config, model, params
 
 

@@ -70,7 +70,7 @@ def feature_jitter(tokens: jnp.ndarray, noise: jnp.ndarray, scale: float) -> jnp
 
 
 def _attention(num_heads: int, dropout: float, precision, name: str):
-  """torch nn.MultiheadAttention(E, heads, dropout): call as attn(q, k, v, mask=, deterministic=)."""
+  """torch nn.MultiheadAttention(E, heads, dropout); call attn(q, k, v, mask=, deterministic=)."""
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dropout_rate=dropout, broadcast_dropout=False, precision=precision,
       kernel_init=in_proj_init, out_kernel_init=out_proj_init, name=name)
