@@ -64,7 +64,7 @@ def main():
     x = jax.device_put(images, sharding.batch_sharded(mesh))
     hlo = fn.lower(placed, x).compile().as_text()
     scores, index = jax.block_until_ready(jax.device_get(fn(placed, x)))
-    scorer = VolumeScorer(config, patchcore, params, mesh, jax.random.key(1))
+    scorer = VolumeScorer(config, patchcore.METHOD, params, mesh, jax.random.key(1))
     maps = scorer(volume, key_index=0)     # blocks on every chunk
     results[name] = {"scores": scores, "index": index, "maps": maps, "hlo": hlo,
                      "shard": list(placed["bank_rows"].addressable_shards[0].data.shape),
