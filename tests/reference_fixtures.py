@@ -8,7 +8,9 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 
 DEFAULT_DIR = Path(__file__).parent / "fixtures" / "reference"
 
@@ -54,3 +56,11 @@ class Fixture:
 
 def load_area(area: str) -> list[Fixture]:
   return [Fixture(p) for p in discover(area)]
+
+
+def run_check(fx: Fixture, checks: dict) -> None:
+  """Runs `checks[fx.kind](fx)` at float32 matmul precision; an unknown kind fails the test."""
+  if fx.kind not in checks:
+    pytest.fail(f"{fx}: unknown fixture kind {fx.kind!r}")
+  with jax.default_matmul_precision("highest"):
+    checks[fx.kind](fx)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from andi_config import fixture_config
-from reference_fixtures import load_area
+from reference_fixtures import load_area, run_check
 from uad_jax.convert import ddpmpp as convert
 from uad_jax.diffusion import pyramid_noise, schedule
 from uad_jax.diffusion.losses import vpred_losses
@@ -163,10 +163,7 @@ CHECKS = {
 
 @pytest.mark.parametrize("fx", FIXTURES, ids=lambda fx: fx.name)
 def test_reference_fixture(fx):
-  if fx.kind not in CHECKS:
-    pytest.fail(f"{fx}: unknown fixture kind {fx.kind!r}")
-  with jax.default_matmul_precision("highest"):
-    CHECKS[fx.kind](fx)
+  run_check(fx, CHECKS)
 
 
 @pytest.mark.parametrize("fx", [f for f in FIXTURES if f.meta.get("state_dict")],

@@ -8,7 +8,6 @@ config and arrays. Arrays in fixtures are NCHW; the port is NHWC. A fixture's
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import disyre as disyre_configs
-from reference_fixtures import load_area
+from reference_fixtures import load_area, run_check
 from uad_jax.convert import ddpmpp as convert
 from uad_jax.methods.disyre import anomaly, method, severity
 from uad_jax.methods.disyre import sliding_window as sw
@@ -188,10 +187,7 @@ CHECKS = {
 
 @pytest.mark.parametrize("fx", FIXTURES, ids=lambda fx: fx.name)
 def test_reference_fixture(fx):
-  if fx.kind not in CHECKS:
-    pytest.fail(f"{fx}: unknown fixture kind {fx.kind!r}")
-  with jax.default_matmul_precision("highest"):
-    CHECKS[fx.kind](fx)
+  run_check(fx, CHECKS)
 
 
 @pytest.mark.parametrize("fx", [f for f in FIXTURES if f.meta.get("state_dict")],

@@ -13,7 +13,7 @@ import pytest
 
 import ops_checks
 from configs import riad as riad_configs
-from reference_fixtures import load_area
+from reference_fixtures import load_area, run_check
 from uad_jax.convert import ddpmpp as ddpmpp_convert
 from uad_jax.convert import riad as convert
 from uad_jax.methods.riad import masks as riad_masks
@@ -135,10 +135,7 @@ CHECKS = {
 
 @pytest.mark.parametrize("fx", FIXTURES, ids=lambda fx: fx.name)
 def test_reference_fixture(fx):
-  if fx.kind not in CHECKS:
-    pytest.fail(f"{fx}: unknown fixture kind {fx.kind!r}")
-  with jax.default_matmul_precision("highest"):
-    CHECKS[fx.kind](fx)
+  run_check(fx, CHECKS)
 
 
 @pytest.mark.parametrize("fx", [f for f in FIXTURES if f.meta.get("state_dict")],

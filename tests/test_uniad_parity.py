@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reference_fixtures import load_area
+from reference_fixtures import load_area, run_check
 from uniad_config import fixture_config
 from uad_jax.convert import uniad as convert
 from uad_jax.methods import uniad
@@ -120,10 +120,7 @@ CHECKS = {
 
 @pytest.mark.parametrize("fx", FIXTURES, ids=lambda fx: fx.name)
 def test_reference_fixture(fx):
-  if fx.kind not in CHECKS:
-    pytest.fail(f"{fx}: unknown fixture kind {fx.kind!r}")
-  with jax.default_matmul_precision("highest"):
-    CHECKS[fx.kind](fx)
+  run_check(fx, CHECKS)
 
 
 @pytest.mark.parametrize("fx", [f for f in FIXTURES if f.meta.get("state_dict")],
