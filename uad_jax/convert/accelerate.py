@@ -1,6 +1,6 @@
 """Reading a checkpoint folder of the PyTorch reference (accelerate `save_state`).
 
-  <src>/model.safetensors | pytorch_model.bin   the model's state_dict (safetensors needs no torch)
+  <src>/model.safetensors | pytorch_model.bin   the model's state_dict (neither needs torch)
   <src>/custom_checkpoint_0.pkl                  the EMA state {decay, num_updates, shadow_params}
                                                  (methods with EMA; shadow list in
                                                  named_parameters() order)
