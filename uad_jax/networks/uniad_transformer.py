@@ -217,7 +217,8 @@ class UniADTransformer(nn.Module):
 def tie_initial_clones(params: dict) -> dict:
   """The reference's deep-copy init (spec §2.6): every encoder layer starts with encoder 0's
   attention in_proj, every decoder layer with decoder 0's in_proj of both attentions and its
-  query table. Only the initial values are tied; training updates each copy separately."""
+  query table. Only the initial values are tied: every copy is its own array (a train state
+  donated to a jitted step must not hold one buffer twice), updated separately."""
   params = jax.tree.map(lambda a: a, params)   # a fresh container tree, leaves shared
   in_proj = ("query", "key", "value")
   for prefix, attentions, extra in (("encoder_", ("self_attn",), ()),
@@ -229,7 +230,8 @@ def tie_initial_clones(params: dict) -> dict:
     for name in layers[1:]:
       layer = dict(params[name])
       for attn in attentions:
-        layer[attn] = {**layer[attn], **{p: first[attn][p] for p in in_proj}}
-      layer.update({p: first[p] for p in extra})
+        layer[attn] = {**layer[attn],
+                       **{p: jax.tree.map(jnp.copy, first[attn][p]) for p in in_proj}}
+      layer.update({p: jnp.copy(first[p]) for p in extra})
       params[name] = layer
   return params
