@@ -55,19 +55,26 @@ def init(config, rng: jax.Array, ctx: contract.TrainContext) -> TrainState:
   return TrainState.create(params, tx, lr, ema=False)
 
 
-def stitched_reconstruction(forward, images: jax.Array, visible: jax.Array) -> jax.Array:
+def stitched_reconstruction(forward, images: jax.Array, visible: jax.Array,
+                            batched: bool = False) -> jax.Array:
   """Σᵢ forward(x·Mᵢ, i)·(1 − Mᵢ): every pixel predicted by the pass that hid it.
 
   images: (B, S, S, 1) float32. visible: (n, B or 1, S, S, 1) float32 masks, 1 = visible.
-  forward(z (B, S, S, 1), i int32 scalar) -> (B, S, S, 1). The n passes run in a lax.scan
-  (the network is compiled once). Exactly one term is nonzero at each pixel, so the order of
-  the sum does not matter.
+  forward(z (b, S, S, 1), i int32 scalar) -> (b, S, S, 1). batched: the n passes as ONE call of
+  batch n·B (i = 0; training: XLA:CPU runs the gradient of a scan over the network far slower);
+  else a lax.scan over the passes (scoring: memory of one pass, network compiled once). Exactly
+  one term is nonzero at each pixel, so the order of the sum does not matter.
   """
+  n = visible.shape[0]
+  if batched:
+    masked = (images[None] * visible).reshape((-1,) + images.shape[1:])
+    out = forward(masked, jnp.int32(0)).reshape((n,) + images.shape)
+    return jnp.sum(out * (1.0 - visible), axis=0)
+
   def body(acc, pass_inputs):
     mask, i = pass_inputs
     return acc + forward(images * mask, i) * (1.0 - mask), None
 
-  n = visible.shape[0]
   recon, _ = jax.lax.scan(body, jnp.zeros_like(images), (visible, jnp.arange(n)))
   return recon
 
@@ -96,7 +103,8 @@ def train_step(config, state: TrainState, batch: dict, rng: jax.Array):
 
   batch['image']: (B, S, S, 1) float32 in [0, 1]; batch['masks']: (B, n, S, S) uint8 partition
   masks of the step's cell size (the same for every slice, `batch_transform`); batch
-  ['cell_size']: (B,) int32, logged. Dropout of pass i uses fold_in(rng, i).
+  ['cell_size']: (B,) int32, logged. The n passes run as one network call of batch n·B
+  (measured 19x faster than a scan's gradient on XLA:CPU), dropout key fold_in(rng, 0).
   """
   model = build_model(config)
   images = batch["image"].astype(jnp.float32)
@@ -106,7 +114,8 @@ def train_step(config, state: TrainState, batch: dict, rng: jax.Array):
     def forward(z, i):
       return model.apply({"params": params}, z, None, train=True,
                          rngs={"dropout": jax.random.fold_in(rng, i)})
-    terms = reconstruction_losses(images, stitched_reconstruction(forward, images, visible))
+    terms = reconstruction_losses(
+        images, stitched_reconstruction(forward, images, visible, batched=True))
     return total_loss(config, terms), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
