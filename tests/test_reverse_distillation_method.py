@@ -267,3 +267,25 @@ def test_presets():
   assert rd.teacher_channels(demo) == (24, 40, 80)
   with pytest.raises(ValueError, match="unknown preset"):
     rd_config.get_config("huge")
+
+
+def test_import_with_the_teacher_from_the_checkpoint_needs_no_weight_file(tmp_path, tiny_state):
+  """A preset that refuses random teachers imports a checkpoint that carries its teacher."""
+  from uad_jax.engine import checkpoints   # pylint: disable=import-outside-toplevel
+  from uad_jax.tools import import_torch   # pylint: disable=import-outside-toplevel
+  config, state = tiny_state
+  src = tmp_path / "checkpoint_4"
+  src.mkdir()
+  student_sd = _to_torch({"params": state.params, "batch_stats": state.batch_stats}, _is_deconv)
+  teacher_sd = {f"extractor.backbone.{k}": v for k, v in _to_torch(state.frozen).items()}
+  save_file({**student_sd, **teacher_sd}, str(src / "model.safetensors"))
+  strict = config.copy_and_resolve_references()
+  strict.model.allow_random_backbone = False
+  with pytest.raises(ConfigError):
+    feature_extractor.load_frozen_backbone(strict.model, None)
+  step_dir = import_torch.import_checkpoint("reverse_distillation", src, tmp_path / "run", strict)
+  store = checkpoints.CheckpointStore(step_dir.parent, read_only=True)
+  _, restored, _, _ = store.restore(None, int(step_dir.name))
+  store.close()
+  jax.tree.map(np.testing.assert_array_equal, restored["frozen"],
+               jax.tree.map(np.asarray, state.frozen))

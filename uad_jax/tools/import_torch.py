@@ -38,6 +38,16 @@ def converter(method: str):
     raise DataError(f"--method {method}: no reference checkpoint import for this method") from e
 
 
+def _init_config(config, fields: dict):
+  """The config the train state is built from: when the checkpoint brings the frozen encoder
+  itself, its ImageNet weight file is not needed (the state's random encoder is replaced)."""
+  if "frozen" not in fields or "allow_random_backbone" not in config.get("model", {}):
+    return config
+  config = config.copy_and_resolve_references()
+  config.model.allow_random_backbone = True
+  return config
+
+
 def import_checkpoint(method_name: str, src, out, config, step: int | None = None,
                       ema_from_model: bool = False) -> Path:
   """Converts `src` and writes every stage's checkpoint under `out`; returns the final stage's
@@ -54,7 +64,8 @@ def import_checkpoint(method_name: str, src, out, config, step: int | None = Non
   out.mkdir(parents=True, exist_ok=True)
   run_dir.write_run_config(out, config)
   for stage in method.stages:
-    state = stage.init(config, jax.random.key(0), TrainContext())
+    state = stage.init(_init_config(config, fields[stage.name]), jax.random.key(0),
+                       TrainContext())
     state = state.replace(step=np.int32(step), **fields[stage.name])
     store = CheckpointStore(run_dir.checkpoint_dir(out, method, stage.name))
     store.save(step, state, {}, {"step": step, "method": method_name, "stage": stage.name,
