@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uad_jax.convert import ddpmpp
 from uad_jax.convert.weight_files import read_state_dict, to_numpy, torch_load
 from uad_jax.errors import DataError
 
@@ -72,3 +73,19 @@ def reference_step(src: Path, snapshot_freq: int, step: int | None) -> int:
     return int(match.group(1)) * snapshot_freq
   raise DataError(f"{src}: cannot tell the training step (no `step` buffer, folder not named "
                   "checkpoint_<k>); pass --step")
+
+
+def ddpmpp_with_ema(model, src: Path, ema_from_model: bool) -> tuple[dict, list[str]]:
+  """({'params', 'ema_params'}, warnings) of a DDPM++ method's checkpoint folder (ANDi, DISYRE):
+  the model weights and the EMA shadow list, both mapped by `convert/ddpmpp.py`."""
+  src = Path(src)
+  weights, model_file = read_model_weights(src)
+  warnings = []
+  if ema_from_model:
+    warnings.append(ema_from_model_warning(model_file))
+    ema, ema_source = weights, model_file
+  else:
+    ema_source = src / EMA_FILE
+    ema = ddpmpp.shadow_params_to_state_dict(read_ema_shadow(src), model, str(ema_source))
+  return {"params": ddpmpp.torch_to_flax(weights, model, str(model_file)),
+          "ema_params": ddpmpp.torch_to_flax(ema, model, str(ema_source))}, warnings

@@ -13,7 +13,6 @@ again. A checkpoint without a digest (older uad_jax, or a crash right after orba
 restored unverified, with a warning.
 """
 
-import hashlib
 import json
 import logging
 from pathlib import Path

@@ -10,7 +10,7 @@ until its slowest slice stops (spec `methods/itermask.md` §3). The loop is a `l
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -2,5 +2,3 @@
 
 `method.py` (network, losses, train step, scoring, `METHOD`), `masks.py` (partition masks).
 """
-
-from uad_jax.methods.riad.method import METHOD
