@@ -345,8 +345,8 @@ def _command(*args, cwd=REPO_ROOT):
     (["--config", "configs/andi.py:tiny", "--workdir", "W", "--config.model.ch_mult=foo"],
      "config.model.ch_mult=('foo',) has the wrong type: the default is (1, 2)"),
 ], ids=["missing-path", "unknown-key", "unknown-preset", "wrong-type"])
-def test_train_errors_are_one_line_with_exit_code_2(args, message):
-  proc = _command("uad_jax.train", *args)
+def test_train_errors_are_one_line_with_exit_code_2(args, message, tmp_path):
+  proc = _command("uad_jax.train", *[str(tmp_path / a) if a == "W" else a for a in args])
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("uad_jax.train: error: ") and message in lines[0]
