@@ -71,11 +71,15 @@ def get_config(preset=None):
     m.channels = (32, 48, 64, 96)     # a third of the paper's widths: minutes on 2 cores
     m.allow_random_backbone = True
     o.lr = 1e-3                       # few steps: a larger step than the paper's 1e-4
-    config.training.n_iters = 400
-    config.training.snapshot_freq = 400
-    config.training.log_freq = 20
+    # Measured (400 steps, 2 cores shared with other jobs): 25 slices/s, 10 min of training,
+    # calibration 23 s, evaluation 60 s; tumour AUROC 0.93, Dice 0.11. 250 steps to fit 8 min.
+    config.training.n_iters = 250
+    config.training.snapshot_freq = 250
+    config.training.log_freq = 25
     config.training.preview_images = 2
-    config.eval.step = 400
+    config.eval.step = 250
+    # The demo maps sit at 0.7-1.05 (healthy-validation FPR 1 % at 0.99): sweep on that scale.
+    config.eval.thr_start, config.eval.thr_end = 0.7, 1.1
     config.eval.split_size = 64
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)
