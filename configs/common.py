@@ -60,7 +60,12 @@ def cohort(csv="", lesion=True):
 
 
 def use_demo_cohort(config, root=DEMO_ROOT):
-  """Points data and evaluation paths of `config` at the bundled demo cohort under `root`."""
+  """Points data and evaluation paths of `config` at the bundled demo cohort under `root`.
+
+  The threshold sweep of a demo model is derived from its healthy-validation scores at
+  calibration (thr_step 0): no hand-tuned range, on whatever score scale a short run reaches.
+  """
+  config.eval.thr_start, config.eval.thr_end, config.eval.thr_step = 0.0, 0.0, 0.0
   m = config.data.modality
   config.data.train_lmdb = f"{root}/lmdb/train_{m}"
   config.eval.val_healthy_csv = f"{root}/cohort/splits/val_healthy_{m}.csv"

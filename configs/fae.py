@@ -78,8 +78,6 @@ def get_config(preset=None):
     config.training.log_freq = 25
     config.training.preview_images = 2
     config.eval.step = 250
-    # The demo maps sit at 0.7-1.05 (healthy-validation FPR 1 % at 0.99): sweep on that scale.
-    config.eval.thr_start, config.eval.thr_end = 0.7, 1.1
     config.eval.split_size = 64
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)

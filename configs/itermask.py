@@ -83,9 +83,6 @@ def get_config(preset=None):
     config.training.preview_images = 2
     config.eval.split_size = 78
     config.eval.step = 250
-    # The briefly trained demo AE's errors are far above the paper model's (validation_thr
-    # ~0.5 against the reference's 0.0022): a wider sweep.
-    config.eval.thr_start, config.eval.thr_end, config.eval.thr_step = 0.05, 4.0, 0.05
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)
     config.data.image_size = 16

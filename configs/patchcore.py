@@ -68,11 +68,6 @@ def get_config(preset=None):
     m.pretrain_embed_dim = 256
     m.target_embed_dim = 256
     m.coreset_block_slices = 256
-    # Lite0 descriptors give squared distances in the hundreds to thousands (healthy patches:
-    # median ~550, 99th percentile ~1300 in a probe): sweep on that scale.
-    config.eval.thr_start = 200.0
-    config.eval.thr_end = 3000.0
-    config.eval.thr_step = 50.0
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)
     # 32² (tiny volumes are zero-padded): layer2 4x4, layer3 2x2. At 16² the 2x2 layer2 grid

@@ -87,8 +87,6 @@ def get_config(preset=None):
     t.preview_images = 2
     e.step = t.n_iters
     e.split_size = 78       # one chunk per demo volume (78 slices)
-    # The demo maps run higher than the paper's (healthy 99th percentile 0.03 after 45 steps).
-    e.thr_start, e.thr_end, e.thr_step = 0.0, 0.06, 0.001
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)
     config.data.image_size = 32

@@ -77,9 +77,6 @@ def get_config(preset=None):
     config.training.preview_images = 2
     config.eval.split_size = 40
     config.eval.step = -1
-    # The map scale depends on the backbone (Lite0 vs random) and the short training: the sweep
-    # is derived from the healthy validation scores at calibration.
-    config.eval.thr_step = 0.0
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)
     # 32²: resnet18 taps layer1/layer2 (8² and 4², 64 + 128 channels) resized to a 6x6 grid: it
