@@ -70,14 +70,14 @@ def get_config(preset=None):
     m.featmap_size = 24               # = the stride-4 tap at 96² (latent 1x1)
     m.channels = (32, 48, 64, 96)     # a third of the paper's widths: minutes on 2 cores
     m.allow_random_backbone = True
-    o.lr = 1e-3                       # few steps: a larger step than the paper's 1e-4
-    # Measured (400 steps, 2 cores shared with other jobs): 25 slices/s, 10 min of training,
-    # calibration 23 s, evaluation 60 s; tumour AUROC 0.93, Dice 0.11. 250 steps to fit 8 min.
-    config.training.n_iters = 250
+    o.lr = 2e-3                       # few steps: a larger step than the paper's 1e-4
+    # Measured on a quiet 2-core CPU: 48 slices/s; 250 steps at lr 1e-3 (loss still falling,
+    # 0.75) gave tumour Dice 0.12 / AUROC 0.87 in 3.9 min with calibration and evaluation (1.1).
+    config.training.n_iters = 500
     config.training.snapshot_freq = 250
     config.training.log_freq = 25
     config.training.preview_images = 2
-    config.eval.step = 250
+    config.eval.step = 500
     config.eval.split_size = 64
     common.use_demo_cohort(config)
   elif preset == "tiny":   # seconds on a CPU: tests and smoke runs (set the data paths)

@@ -70,9 +70,12 @@ def get_config(preset=None):
     m.num_encoder_layers = 2
     m.num_decoder_layers = 2
     m.dim_feedforward = 512
-    o.lr = 5e-4
-    config.training.n_iters = 200
-    config.training.snapshot_freq = 200
+    # Measured on a quiet 2-core CPU: 40 slices/s; 200 steps at lr 5e-4 (loss still falling
+    # fast, 41 -> 16) took 3.7 min with calibration and evaluation (1.2) and gave tumour Dice
+    # 0.10 / AUROC 0.88: twice the rate and 420 steps for the 8-minute budget.
+    o.lr = 1e-3
+    config.training.n_iters = 420
+    config.training.snapshot_freq = 210
     config.training.log_freq = 20
     config.training.preview_images = 2
     config.eval.split_size = 40

@@ -3,7 +3,7 @@
 Layout of the report folder (written into a temporary sibling, renamed when complete):
   index.html                       every table and figure (open in a browser, offline)
   tables/summary.csv               per run x cohort x postproc every metric, 95 % CI (long)
-  tables/{segmentation,detection,healthy}.md   the readable (wide) versions
+  tables/{ranking,models,segmentation,detection,healthy}.md   the readable (wide) versions
   tables/bias_strata.{csv,md}      metrics per stratum ("n < 3" where too small)
   tables/bias_tests.{csv,md}       tests across strata, effect sizes, Holm-adjusted p
   tables/subjects.csv              every subject with metadata, strata and metrics
@@ -16,9 +16,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from uad_jax.report import figures as figs
-from uad_jax.report import load, stats, tables, tensorboard
+from uad_jax.report import load, stats, tables, tensorboard, training
 from uad_jax.report.html import figure_html, page, table_html
 from uad_jax.utils.atomic import atomic_path
 
@@ -31,6 +32,12 @@ RANKING_NOTE = (
     "Caveat: the demo cohort is synthetic (MNI152-derived anatomy, simulated lesions and "
     "scanners) and the demo models are trained for minutes on a CPU, so the demo ranking says "
     "how the implementations behave, not how the methods compare on real scans.</p>")
+MODELS_NOTE = (
+    "<p class='note'>Per run: the training it had (steps of the global batch at the slice "
+    "size, per stage), its wall time from the TensorBoard step times of the machine that "
+    "trained it, the last logged loss, and where the model comes from (a bundled demo "
+    "checkpoint names the command that trained it). The paper's models trained for tens of "
+    "thousands of steps on a GPU.</p>")
 HEALTHY = ("fpr", "fp_components")
 FIGURES_DIR = "figures"
 TABLES_DIR = "tables"
@@ -52,6 +59,15 @@ class Report:
   summary_markdown: str
   figures: tuple
   tensorboard: tuple
+
+
+def models_table(cohorts) -> pd.DataFrame:
+  """One row per run with a training workdir: `training.describe` of it."""
+  rows = []
+  for run, workdir in dict.fromkeys((c.run, c.workdir) for c in cohorts):
+    if workdir is not None and (workdir / "config.json").is_file():
+      rows.append({"run": run, **training.describe(workdir)})
+  return pd.DataFrame(rows)
 
 
 def _slug(*parts) -> str:
@@ -76,6 +92,7 @@ def write_report(runs, out_dir, *, options: tables.Options = tables.Options(),
   strata, tests = tables.bias_tables(cohorts, subjects, options)
   wide = {
       "ranking": tables.ranking_table(summary),
+      "models": models_table(cohorts),
       "segmentation": tables.wide_summary(summary, "lesion", SEGMENTATION),
       "detection": tables.wide_summary(summary, "lesion", DETECTION),
       "healthy": tables.wide_summary(summary, "healthy", HEALTHY),
@@ -84,6 +101,7 @@ def write_report(runs, out_dir, *, options: tables.Options = tables.Options(),
   tests_text = tables.tests_display(tests)
   summary_md = "".join(f"## {title}\n\n{tables.markdown(wide[k])}\n" for k, title in (
       ("ranking", "Ranking (mean Dice @best over the lesion cohorts, raw maps)"),
+      ("models", "Models: how each was trained"),
       ("segmentation", "Lesion cohorts: segmentation"),
       ("healthy", "Healthy cohorts: false positives")) if not wide[k].empty)
   with atomic_path(out_dir) as tmp:
@@ -218,6 +236,7 @@ def _index(cohorts, wide, strata, strata_text, tests, tests_text, written, optio
       if all(getattr(f, k) == v for k, v in kw.items()))
   sections = [
       ("ranking", "Ranking", RANKING_NOTE + table_html(wide["ranking"])),
+      ("models", "Models: how each was trained", MODELS_NOTE + table_html(wide["models"])),
       ("segmentation", "Lesion cohorts: segmentation",
        table_html(wide["segmentation"]) + block("overview")),
       ("detection", "Lesion cohorts: detection and false positives",
