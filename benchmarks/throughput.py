@@ -2,6 +2,7 @@
 
   python -m benchmarks.throughput --config configs/<method>.py[:preset] [--paper] [--batch 4]
       [--lmdb demo/lmdb/train_T1w] [--artifacts '{"validation_thr": 0.004}']
+      [--set scoring.max_ae_passes=1 ...]
 
 For every training stage: slices/s of the jitted train step on a synthetic batch made by the
 stage's own feed (crop, value range, host transform), at the preset's batch size. Scoring: the
@@ -11,11 +12,13 @@ against the FLOP/s of a large float32 `jnp.dot` measured in the same run. `--pap
 paper preset too (random backbone weights allowed; batch `--batch`, as the reference's figures in
 `shared/perf/reference_cpu.md`: batch 4 at 224²). The ISA XLA compiles for is printed (set
 `XLA_FLAGS=--xla_cpu_max_isa=AVX2` to emulate an AVX2-only CPU). Methods with prepared
-artefacts (DISYRE's codebook) prepare them from `--lmdb`. Fitted methods (PatchCore) are
+artefacts (DISYRE's codebook) prepare them from `--lmdb`. `--set KEY=VALUE` overrides a config value
+of both presets (e.g. IterMask's data-dependent AE passes fixed to one, to quote a per-pass figure). Fitted methods (PatchCore) are
 measured by `benchmarks/throughput_fit.py`.
 """
 
 import argparse
+import ast
 import functools
 import json
 import os
@@ -130,6 +133,22 @@ def with_batch(config, batch: int):
   return config
 
 
+def with_settings(config, settings: list[str]):
+  """`config` with each `KEY=VALUE` applied (VALUE a Python literal, else a string)."""
+  for item in settings:
+    key, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,8 +159,10 @@ def main() -> None:
   parser.add_argument("--lmdb", default="demo/lmdb/train_T1w",
                       help="training slices for methods that prepare artefacts")
   parser.add_argument("--artifacts", default="{}", help="JSON merged into the artefacts")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override of both presets (repeatable)")
   args = parser.parse_args()
-  config = load_config(args.config)
+  config = with_settings(load_config(args.config), args.set)
   method = methods.get_method(config.method)
   if method.is_fitted:
     from benchmarks import throughput_fit  # pylint: disable=import-outside-toplevel
@@ -156,7 +177,8 @@ def main() -> None:
   measure(with_batch(config, config.data.batch_size), args.config, config.data.batch_size, peak,
           args.repeats, stored, artifacts)
   if args.paper:
-    paper = with_batch(load_config(args.config.partition(":")[0]), args.batch)
+    paper = with_batch(with_settings(load_config(args.config.partition(":")[0]), args.set),
+                       args.batch)
     measure(paper, f"{args.config.partition(':')[0]} (paper)", args.batch, peak, args.repeats,
             240, artifacts)
 

@@ -72,7 +72,8 @@ def get_config(preset=None):
     m.allow_random_backbone = True
     o.lr = 2e-3                       # few steps: a larger step than the paper's 1e-4
     # Measured on a quiet 2-core CPU: 48 slices/s; 250 steps at lr 1e-3 (loss still falling,
-    # 0.75) gave tumour Dice 0.12 / AUROC 0.87 in 3.9 min with calibration and evaluation (1.1).
+    # 0.75) gave tumour Dice 0.12 / AUROC 0.87 in 3.9 min with calibration and evaluation (1.1);
+    # these 500 steps at 2e-3: tumour Dice 0.47 / AUROC 0.98 in 7.3 min in all (loss 0.62).
     config.training.n_iters = 500
     config.training.snapshot_freq = 250
     config.training.log_freq = 25
