@@ -15,7 +15,7 @@
 
 By default every registered method runs (the bundled checkpoints make that fit in the
 quickstart's half hour on 2 CPU cores); `--methods` picks a subset, `--retrain` trains every
-method from its preset (each within about 8 minutes, about an hour in all).
+method from its preset (1.4-7.5 minutes per method, ANDi about 10; about an hour in all).
 
 Every step is resumable: re-running skips what is complete (the cohort, the database, finished
 training, an existing calibration) and redoes the rest.
