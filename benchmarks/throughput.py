@@ -33,6 +33,7 @@ from uad_jax import methods
 from uad_jax.data.pipeline import EpochShuffle, ReadBatch
 from uad_jax.engine.config import load_config
 from uad_jax.methods.contract import TrainContext
+from uad_jax.utils import cpu
 
 VOLUME_SLICES = 155
 
@@ -60,10 +61,8 @@ def matmul_peak(n: int = 2048) -> float:
 
 def isa() -> str:
   """The CPU's widest vector ISA and XLA's cap on it (XLA_FLAGS --xla_cpu_max_isa)."""
-  flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-  cpu = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
   cap = [f for f in os.environ.get("XLA_FLAGS", "").split() if "max_isa" in f]
-  return f"CPU {cpu}; XLA {cap[0] if cap else 'uncapped'}"
+  return f"CPU {cpu.vector_isa()}; XLA {cap[0] if cap else 'uncapped'}"
 
 
 class SyntheticSlices:

@@ -46,11 +46,12 @@ def describe(workdir: Path) -> dict:
   config = json.loads((workdir / "config.json").read_text())
   method = config["method"]
   size, batch = config["data"]["image_size"], config["data"]["batch_size"]
-  stages = methods.get_method(method).stages or ()
+  registered = methods.get_method(method)
+  stages = registered.stages or ()
   names = ["train"] if len(stages) <= 1 else [f"train_{s.name}" for s in stages]
   found = stage_curves(workdir)
   curves = {n: found[n] for n in names if n in found}
-  if methods.get_method(method).is_fitted:
+  if registered.is_fitted:
     training, minutes, loss = "fitted (one pass over the training slices)", "–", "–"
   elif curves:
     parts = [f"{c['steps']} steps" + ("" if name == "train" else f" ({name[6:]})")

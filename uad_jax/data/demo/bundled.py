@@ -14,7 +14,6 @@ the machine, the date, the uad_jax commit). Made from a finished run with
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from uad_jax.engine import checkpoints, run_dir
 from uad_jax.errors import ConfigError
 from uad_jax.report.training import BUNDLE_FILE
+from uad_jax.utils import cpu
 from uad_jax.utils.atomic import atomic_path
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -45,17 +45,6 @@ def install(method: str, modality: str, workdir: Path) -> dict | None:
   with atomic_path(workdir) as tmp:
     shutil.copytree(src, tmp)
   return json.loads((workdir / BUNDLE_FILE).read_text())
-
-
-def _cpu() -> str:
-  """The CPU model and its widest vector ISA (XLA's speed depends on it)."""
-  try:
-    info = Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return platform.processor() or platform.machine()
-  model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                if line.startswith("model name")), platform.machine())
-  return f"{model} ({'AVX-512' if 'avx512f' in info else 'AVX2' if 'avx2' in info else 'no AVX2'})"
 
 
 def _cores() -> int:
@@ -97,7 +86,7 @@ def make_bundle(workdir: Path, command: str, out: Path | None = None) -> Path:
     for events in workdir.glob("tensorboard/train*"):
       shutil.copytree(events, tmp / events.relative_to(workdir))
     info = {"method": config["method"], "modality": config["data"]["modality"],
-            "command": command, "machine": f"{_cpu()}, {_cores()} cores",
+            "command": command, "machine": f"{cpu.model_name()} ({cpu.vector_isa()}), {_cores()} cores",
             "date": time.strftime("%Y-%m-%d"), "uad_jax_commit": _commit()}
     (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
   return out
