@@ -32,6 +32,11 @@ Measured 2026-11-26, 2-core AMD EPYC (AVX-512), jax 0.10.2, batch 4, 224², slic
   (XLA's transposed convolution) already runs at the forward's speed.
   Timings vary by ±20 % (single layers more) on this shared 2-core machine: compare variants
   within one run.
+Same-run comparison with the PyTorch reference network: `benchmarks/networks.py`. Under
+XLA_FLAGS=--xla_cpu_max_isa=AVX2 only XLA's generated code (GroupNorm, elementwise, copies) is
+capped; the convolutions and dots run in YNNPACK (`ynn_fusion` thunks), which picks its kernels
+from the CPU, so on an AVX-512 host the convolution rows stay AVX-512 (measured 2026-12-03:
+3×3 32→32 at 224² forward 17.2 ms capped, 17.6 uncapped).
 On one H100 (jax 0.11.2; measured before the layer changes above, i.e. flax GroupNorm and XLA
 1×1 convolutions; float32 at XLA's default precision, TF32 on Hopper): training 725 slices/s at
 batch 128 (176 ms/step, 33 TFLOP/s), scoring a 155-slice volume (100 steps) in 5.3 s.
