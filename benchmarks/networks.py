@@ -2,7 +2,7 @@
 PyTorch reference network measured in the same run.
 
   flock /tmp/uad_heavy.lock python -m benchmarks.networks [--methods andi,riad,...]
-      [--isa native,avx2] [--batch 4] [--iters 5] [--torch-python PATH]
+      [--isa native,avx2] [--batch 4] [--iters 5] [--torch-python PATH] [--xla-flags=FLAGS]
 
 For each ISA (`native`: what the CPU has; `avx2`: XLA_FLAGS=--xla_cpu_max_isa=AVX2 for XLA and
 ATEN_CPU_CAPABILITY=avx2 + ONEDNN_MAX_CPU_ISA=AVX2 for PyTorch, an AVX2-only CPU emulated) and
@@ -58,7 +58,7 @@ def ddpmpp_networks(config, method_name):
   return [("net", module.build_model(config))]
 
 
-def measure_method(method_name, batch, iters, torch_python):
+def measure_method(method_name, batch, iters, torch_python, xla_flags=""):
   """Runs in the worker: prints one JSON line per measurement."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -74,7 +74,8 @@ def measure_method(method_name, batch, iters, torch_python):
   key = jax.random.key(0)
 
   def report(**row):
-    print(json.dumps({"method": method_name, "isa": throughput.isa(), **row}), flush=True)
+    label = f"{throughput.isa()} {xla_flags}".strip()
+    print(json.dumps({"method": method_name, "isa": label, **row}), flush=True)
 
   artifacts = {"codebook": np.linspace(0.0, 1.0, 8, dtype=np.float32)} if (
       method_name == "disyre") else {}
@@ -154,8 +155,10 @@ def torch_twin(model, batch, iters, torch_python):
 def run_worker(method, isa, args):
   """The worker's JSON rows for `method` under `isa`'s environment."""
   env = {**os.environ, **ISA_ENV[isa], "PYTHONPATH": str(REPO)}
+  if args.xla_flags:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
   command = [sys.executable, "-m", "benchmarks.networks", "--worker", method, "--batch",
-             str(args.batch), "--iters", str(args.iters)]
+             str(args.batch), "--iters", str(args.iters), f"--xla-flags={args.xla_flags}"]
   if args.torch_python:
     command += ["--torch-python", args.torch_python]
   out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=False)
@@ -191,10 +194,13 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--iters", type=int, default=5, help="timed calls (best is kept)")
   parser.add_argument("--torch-python", help="a Python with torch, for the reference network")
+  parser.add_argument("--xla-flags", default="",
+                      help="more XLA_FLAGS for the jax side, e.g. "
+                           "--xla_cpu_experimental_ynn_fusion_type= (convolutions in Eigen)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    measure_method(args.worker, args.batch, args.iters, args.torch_python)
+    measure_method(args.worker, args.batch, args.iters, args.torch_python, args.xla_flags)
     return
   rows = []
   for isa in args.isa.split(","):
