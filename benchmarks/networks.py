@@ -30,12 +30,24 @@ CPU therefore come from running this command on one.
 import argparse
 import dataclasses
 import functools
+import importlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import throughput
+from configs import disyre as disyre_configs
+from uad_jax import methods
+from uad_jax.convert import ddpmpp as convert
+from uad_jax.engine.config import load_config
+from uad_jax.methods.contract import TrainContext
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("andi", "disyre", "riad", "itermask", "fae", "reverse_distillation", "uniad")
@@ -49,9 +61,6 @@ ISA_ENV = {"native": {},
 
 def ddpmpp_networks(config, method_name):
   """[(label, DDPMpp)] of a DDPM++ method (IterMask: both stages' networks)."""
-  import importlib  # pylint: disable=import-outside-toplevel
-
-  from uad_jax import methods  # pylint: disable=import-outside-toplevel
   module = importlib.import_module(methods.REGISTRY[method_name])
   if method_name == "itermask":
     return [(stage, module.build_model(config, stage)) for stage in ("first", "ae")]
@@ -60,15 +69,6 @@ def ddpmpp_networks(config, method_name):
 
 def measure_method(method_name, batch, iters, torch_python, xla_flags=""):
   """Runs in the worker: prints one JSON line per measurement."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from benchmarks import throughput  # pylint: disable=import-outside-toplevel
-  from uad_jax import methods  # pylint: disable=import-outside-toplevel
-  from uad_jax.engine.config import load_config  # pylint: disable=import-outside-toplevel
-  from uad_jax.methods.contract import TrainContext  # pylint: disable=import-outside-toplevel
-
   config = throughput.with_batch(load_config(str(REPO / "configs" / f"{method_name}.py")), batch)
   method = methods.get_method(config.method)
   key = jax.random.key(0)
@@ -77,7 +77,9 @@ def measure_method(method_name, batch, iters, torch_python, xla_flags=""):
     label = f"{throughput.isa()} {xla_flags}".strip()
     print(json.dumps({"method": method_name, "isa": label, **row}), flush=True)
 
-  artifacts = {"codebook": np.linspace(0.0, 1.0, 8, dtype=np.float32)} if (
+  # DISYRE's feed needs its codebook, prepared from training data; the reference's T1 codebook
+  # stands in (the speed does not depend on it).
+  artifacts = {"codebook": list(disyre_configs.REFERENCE_T1_CODEBOOK)} if (
       method_name == "disyre") else {}
   states = {}
   for stage in method.stages:
@@ -124,11 +126,6 @@ def twin_spec(model) -> dict:
 def torch_twin(model, batch, iters, torch_python):
   """Times the PyTorch reference network of `model` in a subprocess (this process's ISA
   settings), after checking its output against `model` with the same weights."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from uad_jax.convert import ddpmpp as convert  # pylint: disable=import-outside-toplevel
-
   with tempfile.TemporaryDirectory() as tmp:
     spec_file, check_file = Path(tmp) / "spec.json", Path(tmp) / "check.npz"
     spec_file.write_text(json.dumps(twin_spec(model)))

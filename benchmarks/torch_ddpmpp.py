@@ -159,15 +159,14 @@ def main():
   size, c = spec["image_size"], spec["in_channels"]
   x = torch.rand(args.batch, c, size, size) * 2 - 1
   t = torch.rand(args.batch)
+  model.eval()
   if args.check:
     for p in model.parameters():  # non-zero everywhere (the zero-initialised layers too)
       p.data.normal_(0.0, 0.05)
-    model.eval()
     with torch.no_grad():
       y = model(x[:1], t[:1])
     np.savez(args.check, x=x[:1].numpy(), t=t[:1].numpy(), y=y.numpy(),
              **{"param:" + k: v.numpy() for k, v in model.state_dict().items()})
-  model.eval()
 
   def forward():
     with torch.no_grad():
